@@ -1,0 +1,144 @@
+"""What vllm-aimer knows about each MoE family, as data.
+
+One `Architecture` entry per family: where its routed experts live in the
+checkpoint, which config keys hold the expert count and top_k, and which
+router tensors are indexed by expert. Adding a family is adding an entry.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from vllm_aimer.errors import AimerError
+
+# The roles AIMER concatenates for one expert.
+ROLES = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str
+    """Short name, as users see it (and as `model_type` usually spells it)."""
+    model_types: tuple[str, ...]
+    """HF `model_type` values that use this entry."""
+    expert_count_keys: tuple[str, ...]
+    """Config keys (aliases) holding the routed-expert count; all are rewritten."""
+    top_k_keys: tuple[str, ...]
+    """Config keys holding the number of experts each token is routed to."""
+    moe_block: str
+    """Regex of a MoE block's module path; must capture `layer`."""
+    projections: Mapping[str, str]
+    """Per-expert tensor names (`experts.{id}.<name>.weight`) -> AIMER role."""
+    fused_projections: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Fused tensor names (`experts.<name>`, dim 0 = expert) -> roles they hold."""
+    router_tensors: tuple[str, ...] = ("gate.weight",)
+    """Tensors under the MoE block whose dim 0 is indexed by routed expert
+    (router rows, router bias, score-correction bias)."""
+
+    @cached_property
+    def _per_expert_re(self) -> re.Pattern[str]:
+        return re.compile(
+            rf"^(?P<head>(?:.*\.)?{self.moe_block}\.experts\.)(?P<expert>\d+)\.(?P<tail>(?P<proj>[^.]+)\..+)$"
+        )
+
+    @cached_property
+    def _fused_re(self) -> re.Pattern[str]:
+        return re.compile(rf"^(?:.*\.)?{self.moe_block}\.experts\.(?P<proj>[A-Za-z_]+)(?:\.[A-Za-z_]+)?$")
+
+    @cached_property
+    def _router_re(self) -> re.Pattern[str]:
+        names = "|".join(re.escape(n) for n in self.router_tensors)
+        return re.compile(rf"^(?:.*\.)?{self.moe_block}\.(?:{names})$")
+
+    def match_expert(self, name: str) -> tuple[int, int, str] | None:
+        """(layer, expert id, projection name) of a per-expert tensor, else None."""
+        m = self._per_expert_re.match(name)
+        if not m:
+            return None
+        return int(m["layer"]), int(m["expert"]), m["proj"]
+
+    def rename_expert(self, name: str, new_id: int) -> str:
+        m = self._per_expert_re.match(name)
+        assert m is not None, name
+        return f"{m['head']}{new_id}.{m['tail']}"
+
+    def match_fused(self, name: str) -> tuple[int, str] | None:
+        """(layer, projection name) of a fused all-experts tensor, else None."""
+        m = self._fused_re.match(name)
+        return (int(m["layer"]), m["proj"]) if m else None
+
+    def match_router(self, name: str) -> int | None:
+        """Layer of a router tensor indexed by expert on dim 0, else None."""
+        m = self._router_re.match(name)
+        return int(m["layer"]) if m else None
+
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture(
+        family="qwen3_moe",
+        model_types=("qwen3_moe",),
+        # Public checkpoints say num_experts; transformers 5 writes num_local_experts.
+        expert_count_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        moe_block=r"layers\.(?P<layer>\d+)\.mlp",
+        projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+    ),
+    Architecture(
+        family="olmoe",
+        model_types=("olmoe",),
+        expert_count_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        moe_block=r"layers\.(?P<layer>\d+)\.mlp",
+        projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+    ),
+    Architecture(
+        family="mixtral",
+        model_types=("mixtral",),
+        expert_count_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        moe_block=r"layers\.(?P<layer>\d+)\.block_sparse_moe",
+        projections={"w1": "gate", "w3": "up", "w2": "down"},
+        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+    ),
+)
+
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(a.family for a in ARCHITECTURES)
+
+
+def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The language model's part of a (possibly multimodal) HF config dict."""
+    inner = config.get("text_config")
+    return inner if isinstance(inner, Mapping) else config
+
+
+def architecture_for(config: Mapping[str, Any]) -> Architecture:
+    """The entry for an HF config dict; a clear error for dense or unknown models."""
+    model_type = text_config(config).get("model_type") or config.get("model_type")
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch
+    raise AimerError(
+        f"model_type {model_type!r} is not a supported Mixture-of-Experts family "
+        f"(supported: {', '.join(SUPPORTED_FAMILIES)}).",
+        "serve this model without --load-format aimer, or use a checkpoint of a "
+        "supported family.",
+    )
+
+
+def config_value(config: Mapping[str, Any], keys: tuple[str, ...], what: str) -> int:
+    """The first of `keys` present in the text config, as an int."""
+    cfg = text_config(config)
+    for key in keys:
+        value = cfg.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    raise AimerError(
+        f"config.json has no {what} (looked for {', '.join(keys)}).",
+        "check that the checkpoint's config.json is complete.",
+    )

@@ -1,0 +1,156 @@
+"""A local safetensors checkpoint, seen through its headers only.
+
+Opening a checkpoint validates that every shard exists and is complete and
+computes an identity from the index and header bytes, so a plan can be tied to
+the checkpoint it was made for without hashing gigabytes of weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from vllm_aimer.errors import AimerError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+# Bytes per element of safetensors dtypes (sub-byte types count as fractions).
+DTYPE_BYTES: Mapping[str, float] = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+    "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1,
+    "BOOL": 1, "F4": 0.5,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.numel * DTYPE_BYTES.get(self.dtype, 1))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    directory: Path
+    config: Mapping[str, Any]
+    files: tuple[str, ...]
+    """Shard file names (relative to `directory`), in load order."""
+    tensors: Mapping[str, TensorInfo]
+    fingerprint: str
+    """sha256 over config.json, the index and every shard's header bytes."""
+
+    def path(self, file: str) -> Path:
+        return self.directory / file
+
+    def tensors_by_file(self) -> Iterator[tuple[str, list[TensorInfo]]]:
+        for file in self.files:
+            yield file, [t for t in self.tensors.values() if t.file == file]
+
+    @cached_property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _read_header(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) != 8:
+            raise AimerError(f"{path} is not a safetensors file (too short).",
+                             "re-download or re-copy the checkpoint.")
+        (n,) = struct.unpack("<Q", raw_len)
+        header = f.read(n)
+    if len(header) != n:
+        raise AimerError(f"{path} is truncated (incomplete header).",
+                         "re-download or re-copy the checkpoint.")
+    return raw_len + header
+
+
+def _shard_files(directory: Path) -> tuple[list[str], bytes]:
+    index_path = directory / INDEX_NAME
+    if index_path.is_file():
+        index_bytes = index_path.read_bytes()
+        try:
+            weight_map = json.loads(index_bytes)["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise AimerError(f"{index_path} is not a valid safetensors index ({e}).",
+                             "re-download the checkpoint's index file.") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (directory / f).is_file()]
+        if missing:
+            raise AimerError(
+                f"checkpoint {directory} is missing shard file(s) listed in "
+                f"{INDEX_NAME}: {', '.join(missing)}.",
+                "finish downloading the checkpoint (all shards must be present).")
+        return files, index_bytes
+    if (directory / SINGLE_NAME).is_file():
+        return [SINGLE_NAME], b""
+    found = sorted(p.name for p in directory.glob("*.safetensors"))
+    if len(found) == 1:
+        return found, b""
+    raise AimerError(
+        f"no safetensors weights found in {directory} (expected {SINGLE_NAME} or "
+        f"{INDEX_NAME}).",
+        "point the model at a local Hugging Face checkpoint directory in safetensors format.")
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read config, index and shard headers of a local checkpoint; no weights are read."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise AimerError(
+            f"model {str(path)!r} is not a local directory; AIMER scores experts "
+            "straight from the checkpoint files.",
+            "download the checkpoint first (e.g. `huggingface-cli download MODEL "
+            "--local-dir DIR`) and pass DIR as the model.")
+    config_path = directory / "config.json"
+    try:
+        config_bytes = config_path.read_bytes()
+        config = json.loads(config_bytes)
+    except FileNotFoundError:
+        raise AimerError(f"{config_path} does not exist.",
+                         "point the model at a checkpoint directory with a config.json.") from None
+    except ValueError as e:
+        raise AimerError(f"{config_path} is not valid JSON ({e}).",
+                         "repair or re-download config.json.") from None
+
+    files, index_bytes = _shard_files(directory)
+    digest = hashlib.sha256()
+    digest.update(config_bytes)
+    digest.update(index_bytes)
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        shard = directory / file
+        digest.update(file.encode())
+        digest.update(_read_header(shard))
+        try:
+            # safe_open checks that the data section covers every tensor.
+            with safe_open(shard, framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    tensors[name] = TensorInfo(name, file, sl.get_dtype(), tuple(sl.get_shape()))
+        except SafetensorError as e:
+            raise AimerError(f"shard {shard} is unreadable or truncated ({e}).",
+                             "re-download or re-copy this shard.") from None
+    return Checkpoint(directory, config, tuple(files), tensors, digest.hexdigest())

@@ -1,0 +1,122 @@
+"""`vllm-aimer`: score, plan and inspect checkpoints offline (no vLLM engine needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from vllm_aimer.checkpoint import open_checkpoint
+from vllm_aimer.errors import AimerError
+from vllm_aimer.layout import ExpertLayout, expert_layout
+from vllm_aimer.outputs import ensure_writable_dir, write_plan_outputs
+from vllm_aimer.plan import Plan, make_plan, max_ratio, prune_count, read_plan
+from vllm_aimer.report import human_bytes
+from vllm_aimer.scoring import score_checkpoint
+
+
+def _layout_facts(layout: ExpertLayout, fingerprint: str) -> dict:
+    expert_bytes = sum(sum(layout.expert_bytes[layer]) for layer in layout.layers)
+    return {"family": layout.arch.family, "moe_layers": list(layout.layers),
+            "experts_per_layer": layout.num_experts, "top_k": layout.top_k,
+            "routed_expert_bytes": expert_bytes,
+            "max_prune_ratio": max_ratio(layout.num_experts, layout.top_k),
+            "checkpoint": fingerprint}
+
+
+def _print_plan(plan: Plan, expert_bytes: int | None = None) -> None:
+    print(f"family {plan.family}: {len(plan.layers)} MoE layers, experts per layer "
+          f"{plan.num_experts} -> {plan.kept_per_layer} (top_k {plan.top_k}), "
+          f"ratio {plan.ratio:g}, {plan.total_pruned} experts pruned")
+    if expert_bytes is not None:
+        saved = expert_bytes * plan.pruned_per_layer // max(1, plan.num_experts)
+        print(f"routed expert bytes {human_bytes(expert_bytes)}, about {human_bytes(saved)} "
+              "never loaded")
+    print(f"plan {plan.plan_hash}, checkpoint {plan.checkpoint[:16]}")
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    ckpt = open_checkpoint(args.model)
+    layout = expert_layout(ckpt)
+    prune_count(len(layout.layers), layout.num_experts, layout.top_k, args.ratio)
+    out = ensure_writable_dir(args.output, "output")
+    result = score_checkpoint(ckpt, layout, progress=not args.quiet)
+    plan = make_plan(layout, result.scores, args.ratio, ckpt.fingerprint)
+    written = write_plan_outputs(plan, out)
+    _print_plan(plan, _layout_facts(layout, ckpt.fingerprint)["routed_expert_bytes"])
+    print(f"scored {human_bytes(result.bytes_read)} of expert weights in {result.seconds:.2f} s")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Check an external plan against a checkpoint and write it in our formats."""
+    ckpt = open_checkpoint(args.model)
+    layout = expert_layout(ckpt)
+    plan = read_plan(args.plan, layout, ckpt.fingerprint)
+    _print_plan(plan)
+    if args.output:
+        for path in write_plan_outputs(plan, ensure_writable_dir(args.output, "output")):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    ckpt = open_checkpoint(args.model)
+    layout = expert_layout(ckpt)
+    facts = _layout_facts(layout, ckpt.fingerprint)
+    facts["total_bytes"] = ckpt.total_bytes
+    if args.json:
+        print(json.dumps(facts, indent=1))
+        return 0
+    print(f"family            {facts['family']}")
+    print(f"MoE layers        {len(layout.layers)} ({layout.layers[0]}..{layout.layers[-1]})")
+    print(f"experts per layer {layout.num_experts}, top_k {layout.top_k}")
+    print(f"weights           {human_bytes(ckpt.total_bytes)}, of which routed experts "
+          f"{human_bytes(facts['routed_expert_bytes'])}")
+    print(f"max prune ratio   {facts['max_prune_ratio']:.4g}")
+    print(f"checkpoint        {ckpt.fingerprint}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vllm-aimer",
+        description="Calibration-free AIMER expert pruning for vLLM: score, plan, inspect.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score every routed expert and write a pruning plan")
+    p.add_argument("model", help="local Hugging Face checkpoint directory (safetensors)")
+    p.add_argument("--ratio", type=float, required=True,
+                   help="fraction of routed experts to prune, in [0, 1)")
+    p.add_argument("--output", required=True,
+                   help="directory for pruned_experts.json, plan.json and scores.csv")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("plan", help="check a pruned_experts.json/plan.json against a checkpoint")
+    p.add_argument("model", help="local checkpoint directory")
+    p.add_argument("plan", help="pruned_experts.json, plan.json, or a directory holding one")
+    p.add_argument("--output", help="also write it as pruned_experts.json + plan.json here")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("inspect", help="show a checkpoint's MoE layout (reads headers only)")
+    p.add_argument("model", help="local checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AimerError as e:
+        print(f"vllm-aimer: error: {str(e).removeprefix('vllm-aimer: ')}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

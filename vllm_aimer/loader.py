@@ -1,0 +1,112 @@
+"""vLLM glue: the `aimer` load format. Everything vLLM-specific lives here.
+
+Before the model is built, the loader scores the checkpoint's routed experts
+(or reads a plan), rewrites the config's expert count so vLLM allocates only
+the kept experts, and then feeds vLLM a weight stream in which pruned experts
+are never read, kept ones are renumbered and routers are sliced.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Generator
+from pathlib import Path
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
+
+from vllm_aimer.checkpoint import Checkpoint, open_checkpoint
+from vllm_aimer.layout import ExpertLayout, expert_layout
+from vllm_aimer.options import AimerOptions, parse_options
+from vllm_aimer.outputs import ensure_writable_dir, write_plan_outputs
+from vllm_aimer.plan import Plan, identity_plan, make_plan, prune_count, read_plan
+from vllm_aimer.report import PruningReport, write_report
+from vllm_aimer.scoring import score_checkpoint
+from vllm_aimer.weights import PrunedWeights
+
+logger = init_logger("vllm.aimer")
+
+LOAD_FORMAT = "aimer"
+
+
+class AimerModelLoader(DefaultModelLoader):
+    """DefaultModelLoader reading safetensors, with AIMER pruning applied."""
+
+    def __init__(self, load_config: LoadConfig) -> None:
+        self.options: AimerOptions = parse_options(load_config.model_loader_extra_config)
+        parent_config = copy.copy(load_config)
+        parent_config.load_format = "safetensors"
+        parent_config.model_loader_extra_config = dict(self.options.parent)
+        super().__init__(parent_config)
+        self._weights: PrunedWeights | None = None
+
+    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig,
+                   prefix: str = "") -> nn.Module:
+        ckpt = open_checkpoint(model_config.model)
+        layout = expert_layout(ckpt)
+        plan_out = (ensure_writable_dir(self.options.plan_out, "plan_out")
+                    if self.options.plan_out else None)
+        plan, source, seconds = self._make_plan(ckpt, layout)
+        if plan.total_pruned:
+            _set_expert_count(model_config, layout, plan.kept_per_layer)
+            self._weights = PrunedWeights(ckpt, layout, plan)
+        written = write_plan_outputs(plan, plan_out) if plan_out else []
+
+        model = super().load_model(vllm_config, model_config, prefix)
+
+        report = PruningReport.build(
+            model_name=model_config.served_model_name or model_config.model,
+            plan=plan, layout=layout, source=source, scoring_seconds=seconds,
+            stats=self._weights.stats if self._weights else None,
+            expert_rows=_expert_rows(model), plan_files=[str(p) for p in written])
+        write_report(report)
+        logger.info("%s", report.summary())
+        return model
+
+    def _make_plan(self, ckpt: Checkpoint, layout: ExpertLayout) -> tuple[Plan, str, float]:
+        if self.options.plan is not None:
+            return read_plan(self.options.plan, layout, ckpt.fingerprint), "plan_file", 0.0
+        ratio = self.options.prune_ratio or 0.0
+        if ratio == 0.0:
+            return identity_plan(layout, ckpt.fingerprint), "score", 0.0
+        # Fails on a ratio that leaves fewer than top_k experts, before any weight is read.
+        prune_count(len(layout.layers), layout.num_experts, layout.top_k, ratio)
+        result = score_checkpoint(ckpt, layout)
+        return make_plan(layout, result.scores, ratio, ckpt.fingerprint), "score", result.seconds
+
+    def get_all_weights(self, model_config: ModelConfig,
+                        model: nn.Module) -> Generator[tuple[str, torch.Tensor], None, None]:
+        if self._weights is None:
+            yield from super().get_all_weights(model_config, model)
+            return
+        local = self.local_expert_ids
+        skip = (lambda name: should_skip_weight(name, local)) if local is not None else None
+        if self.counter_before_loading_weights == 0.0:
+            self.counter_before_loading_weights = time.perf_counter()
+        yield from self._weights.iterate(skip)
+        for source in getattr(model, "secondary_weights", ()):
+            yield from self._get_weights_iterator(source)
+
+
+def _set_expert_count(model_config: ModelConfig, layout: ExpertLayout, kept: int) -> None:
+    """Make vLLM build layers with `kept` experts: every alias, then its cached view."""
+    configs = {id(c): c for c in (model_config.hf_config, model_config.hf_text_config)}
+    for cfg in configs.values():
+        for key in layout.arch.expert_count_keys:
+            setattr(cfg, key, kept)
+    model_config.model_arch_config = model_config.get_model_arch_config()
+    if model_config.get_num_experts() != kept:
+        raise RuntimeError(f"vLLM still sees {model_config.get_num_experts()} experts after "
+                           f"setting {kept}; this vLLM version is not supported by vllm-aimer.")
+
+
+def _expert_rows(model: nn.Module) -> list[int]:
+    """Leading dimension (local experts) of each MoE layer's fused expert weights."""
+    return [int(p.shape[0]) for name, p in model.named_parameters()
+            if name.endswith("experts.w13_weight")]

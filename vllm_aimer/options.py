@@ -1,0 +1,61 @@
+"""The loader's options from `--model-loader-extra-config`, validated up front."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_aimer.errors import AimerError
+from vllm_aimer.plan import check_ratio
+
+AIMER_KEYS: tuple[str, ...] = ("prune_ratio", "plan", "plan_out")
+# Keys vLLM's DefaultModelLoader understands; passed through to it unchanged.
+PARENT_KEYS: tuple[str, ...] = ("enable_multithread_load", "num_threads", "enable_weights_track")
+EXAMPLE = '\'{"prune_ratio": 0.5}\' or \'{"plan": "plan/pruned_experts.json"}\''
+
+
+@dataclass(frozen=True)
+class AimerOptions:
+    prune_ratio: float | None = None
+    plan: str | None = None
+    plan_out: str | None = None
+    parent: dict[str, Any] = field(default_factory=dict)
+    """The remaining keys, for vLLM's own loader."""
+
+
+def parse_options(extra: Mapping[str, Any] | str | None) -> AimerOptions:
+    if extra is None or extra == {}:
+        raise AimerError("--load-format aimer needs prune_ratio or plan in "
+                         "--model-loader-extra-config.",
+                         f"pass --model-loader-extra-config {EXAMPLE}.")
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except ValueError as e:
+            raise AimerError(f"--model-loader-extra-config is not valid JSON ({e}).",
+                             f"pass a JSON object, e.g. {EXAMPLE}.") from None
+    if not isinstance(extra, Mapping):
+        raise AimerError(f"--model-loader-extra-config must be a JSON object, got {extra!r}.",
+                         f"pass e.g. {EXAMPLE}.")
+    unknown = sorted(set(extra) - set(AIMER_KEYS) - set(PARENT_KEYS))
+    if unknown:
+        raise AimerError(
+            f"unknown --model-loader-extra-config key(s) {', '.join(map(repr, unknown))}.",
+            f"valid keys are {', '.join(AIMER_KEYS + PARENT_KEYS)}.")
+    ratio, plan, plan_out = (extra.get(k) for k in AIMER_KEYS)
+    if ratio is not None and plan is not None:
+        raise AimerError("prune_ratio and plan were both given; a plan already fixes which "
+                         "experts are pruned.", "pass only one of them.")
+    if ratio is None and plan is None:
+        raise AimerError("--load-format aimer needs prune_ratio or plan.",
+                         f"pass --model-loader-extra-config {EXAMPLE}.")
+    if ratio is not None:
+        ratio = check_ratio(ratio)
+    for key, value in (("plan", plan), ("plan_out", plan_out)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise AimerError(f"{key} must be a non-empty path string, got {value!r}.",
+                             f'pass e.g. "{key}": "/path/to/dir-or-file".')
+    parent = {k: v for k, v in extra.items() if k in PARENT_KEYS}
+    return AimerOptions(ratio, plan, plan_out, parent)

@@ -1,0 +1,243 @@
+"""Pruning plans: which experts each MoE layer drops, made and checked purely.
+
+A plan is uniform (vLLM builds every MoE layer with one expert count), prunes
+the highest AIMER scores (ties: lower expert id first) and keeps at least top_k
+experts per layer. Plans serialise to the same bytes for the same input, and
+read and write the authors' `pruned_experts.json` so plans move between tools.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from vllm_aimer.errors import AimerError
+from vllm_aimer.layout import ExpertLayout
+
+PLAN_FORMAT = "vllm-aimer.plan/v1"
+PRUNED_EXPERTS_FILE = "pruned_experts.json"
+PLAN_FILE = "plan.json"
+SCORES_FILE = "scores.csv"
+
+
+class LayerPlan(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    pruned: list[int]
+    kept: list[int]
+    scores: list[float] | None = None
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    format: Literal["vllm-aimer.plan/v1"] = PLAN_FORMAT
+    checkpoint: str
+    """Fingerprint of the checkpoint (sha256 of config, index and shard headers)."""
+    family: str
+    num_experts: int
+    top_k: int
+    ratio: float
+    """Pruned experts / routed experts, over all MoE layers."""
+    layers: dict[str, LayerPlan]
+    """Keyed by MoE layer index (as a string, like pruned_experts.json)."""
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return sorted(int(k) for k in self.layers)
+
+    def layer(self, layer: int) -> LayerPlan:
+        return self.layers[str(layer)]
+
+    @property
+    def kept_per_layer(self) -> int:
+        return self.num_experts - self.pruned_per_layer
+
+    @property
+    def pruned_per_layer(self) -> int:
+        return len(next(iter(self.layers.values())).pruned) if self.layers else 0
+
+    @property
+    def total_pruned(self) -> int:
+        return sum(len(lp.pruned) for lp in self.layers.values())
+
+    def pruned_experts(self) -> dict[str, list[int]]:
+        return {str(k): list(self.layer(k).pruned) for k in self.layer_ids}
+
+    @property
+    def plan_hash(self) -> str:
+        """Identity of the pruning decision: checkpoint + pruned ids (not scores)."""
+        payload = json.dumps([self.checkpoint, self.pruned_experts()], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        data = self.model_dump(mode="json")
+        data["layers"] = {str(k): data["layers"][str(k)] for k in self.layer_ids}
+        return json.dumps(data, indent=1) + "\n"
+
+
+def check_ratio(ratio: Any) -> float:
+    """A ratio must be a number in [0, 1)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise AimerError(f"prune_ratio must be a number, got {ratio!r} ({type(ratio).__name__}).",
+                         'pass a number, e.g. {"prune_ratio": 0.5}.')
+    if not (math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+        raise AimerError(f"prune_ratio must be in [0, 1), got {ratio}.",
+                         "pass the fraction of routed experts to prune, e.g. 0.25 or 0.5.")
+    return float(ratio)
+
+
+def max_ratio(num_experts: int, top_k: int) -> float:
+    """The largest ratio that still keeps top_k experts in every layer."""
+    return (num_experts - top_k) / num_experts
+
+
+def prune_count(num_layers: int, num_experts: int, top_k: int, ratio: float) -> int:
+    """Experts pruned per layer: k with k * layers closest to round(ratio * total).
+
+    Ties go to the smaller k (prune less). Fails when fewer than top_k would remain.
+    """
+    ratio = check_ratio(ratio)
+    target = round(ratio * num_layers * num_experts)
+    low = target // num_layers
+    k = low if target - low * num_layers <= (low + 1) * num_layers - target else low + 1
+    if num_experts - k < top_k:
+        limit = max_ratio(num_experts, top_k)
+        raise AimerError(
+            f"prune_ratio {ratio} would keep {num_experts - k} of {num_experts} experts per "
+            f"layer, fewer than top_k={top_k} experts each token is routed to.",
+            f"use a prune_ratio of at most {limit:.4g} (keeps {top_k} experts per layer).")
+    return k
+
+
+def make_plan(layout: ExpertLayout, scores: Mapping[int, Sequence[float]], ratio: float,
+              checkpoint: str) -> Plan:
+    """Prune the k highest-scored experts of every MoE layer (ties: lower id first)."""
+    k = prune_count(len(layout.layers), layout.num_experts, layout.top_k, ratio)
+    layers: dict[str, LayerPlan] = {}
+    for layer in layout.layers:
+        s = [float(x) for x in scores[layer]]
+        order = sorted(range(len(s)), key=lambda e: (-s[e], e))
+        pruned = sorted(order[:k])
+        kept = sorted(order[k:])
+        layers[str(layer)] = LayerPlan(pruned=pruned, kept=kept, scores=s)
+    return Plan(checkpoint=checkpoint, family=layout.arch.family, num_experts=layout.num_experts,
+                top_k=layout.top_k, ratio=ratio, layers=layers)
+
+
+def identity_plan(layout: ExpertLayout, checkpoint: str) -> Plan:
+    """A plan that prunes nothing (ratio 0)."""
+    all_ids = list(range(layout.num_experts))
+    return Plan(checkpoint=checkpoint, family=layout.arch.family, num_experts=layout.num_experts,
+                top_k=layout.top_k, ratio=0.0,
+                layers={str(layer): LayerPlan(pruned=[], kept=all_ids) for layer in layout.layers})
+
+
+def plan_from_pruned_experts(layout: ExpertLayout, pruned: Mapping[str, Any], checkpoint: str,
+                             where: str) -> Plan:
+    """A plan from the authors' `{"<layer>": [pruned ids]}` format, fully checked."""
+    bad_keys = [k for k in pruned if not str(k).isdigit()]
+    if bad_keys:
+        raise AimerError(f"plan {where} has non-integer layer keys {bad_keys[:5]}.",
+                         'a plan maps MoE layer indices to pruned ids: {"0": [3, 7], ...}.')
+    have = sorted(int(k) for k in pruned)
+    want = list(layout.layers)
+    if have != want:
+        raise AimerError(
+            f"plan {where} is for a different checkpoint: it names {len(have)} MoE layers "
+            f"{_short(have)} but this checkpoint has {len(want)} MoE layers {_short(want)}.",
+            "make a plan for this checkpoint with `vllm-aimer score MODEL --ratio R --output DIR`.")
+    layers: dict[str, LayerPlan] = {}
+    counts = set()
+    for layer in want:
+        ids = pruned[str(layer)] if str(layer) in pruned else pruned[layer]  # type: ignore[index]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise AimerError(f"plan {where}: layer {layer} must list integer expert ids, got {ids!r}.",
+                             'write pruned ids as a JSON list, e.g. "0": [3, 7].')
+        out_of_range = [i for i in ids if not 0 <= i < layout.num_experts]
+        if out_of_range:
+            raise AimerError(
+                f"plan {where} is for a different checkpoint: layer {layer} prunes expert "
+                f"id(s) {out_of_range[:5]}, but this checkpoint has experts 0..{layout.num_experts - 1}.",
+                "make a plan for this checkpoint with `vllm-aimer score MODEL --ratio R --output DIR`.")
+        if len(set(ids)) != len(ids):
+            dups = sorted({i for i in ids if ids.count(i) > 1})
+            raise AimerError(f"plan {where}: layer {layer} lists expert id(s) {dups} more than once.",
+                             "list each pruned expert once.")
+        counts.add(len(ids))
+        kept = [e for e in range(layout.num_experts) if e not in set(ids)]
+        layers[str(layer)] = LayerPlan(pruned=sorted(ids), kept=kept)
+    if len(counts) > 1:
+        raise AimerError(
+            f"plan {where} prunes a different number of experts per layer ({sorted(counts)}); "
+            "vLLM builds every MoE layer with one expert count, so plans must be uniform.",
+            "prune the same number of experts in every layer (vllm-aimer score makes uniform plans).")
+    k = counts.pop() if counts else 0
+    if layout.num_experts - k < layout.top_k:
+        raise AimerError(
+            f"plan {where} keeps {layout.num_experts - k} experts per layer, fewer than "
+            f"top_k={layout.top_k}.",
+            f"prune at most {layout.num_experts - layout.top_k} experts per layer.")
+    return Plan(checkpoint=checkpoint, family=layout.arch.family, num_experts=layout.num_experts,
+                top_k=layout.top_k, ratio=k / layout.num_experts, layers=layers)
+
+
+def read_plan(path: str | Path, layout: ExpertLayout, checkpoint: str) -> Plan:
+    """Read a plan.json (ours) or pruned_experts.json (the authors'), or a directory with one."""
+    p = Path(path)
+    if p.is_dir():
+        for name in (PLAN_FILE, PRUNED_EXPERTS_FILE):
+            if (p / name).is_file():
+                p = p / name
+                break
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise AimerError(f"plan file {str(path)!r} does not exist.",
+                         "pass the path of a pruned_experts.json or plan.json "
+                         "(written by `vllm-aimer score`).") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AimerError(f"plan file {str(p)!r} is not valid JSON ({e}).",
+                         "pass a pruned_experts.json or plan.json written by `vllm-aimer score`.") from None
+    if not isinstance(data, dict):
+        raise AimerError(f"plan file {str(p)!r} must hold a JSON object, got {type(data).__name__}.",
+                         'use {"<layer>": [pruned expert ids]} or a plan.json from `vllm-aimer score`.')
+    if "format" not in data:
+        return plan_from_pruned_experts(layout, data, checkpoint, str(p))
+    try:
+        plan = Plan.model_validate(data)
+    except ValueError as e:
+        raise AimerError(f"plan file {str(p)!r} is not a valid {PLAN_FORMAT} plan ({e}).",
+                         "regenerate it with `vllm-aimer score`.") from None
+    if plan.checkpoint != checkpoint:
+        raise AimerError(
+            f"plan file {str(p)!r} was made for a different checkpoint (fingerprint "
+            f"{plan.checkpoint[:12]}…, this checkpoint is {checkpoint[:12]}…).",
+            "make a plan for this checkpoint with `vllm-aimer score MODEL --ratio R --output DIR`.")
+    checked = plan_from_pruned_experts(layout, plan.pruned_experts(), checkpoint, str(p))
+    return plan.model_copy(update={"layers": {k: LayerPlan(pruned=v.pruned, kept=v.kept,
+                                                           scores=plan.layers[k].scores)
+                                              for k, v in checked.layers.items()}})
+
+
+def scores_csv(plan: Plan) -> str:
+    """layer,expert_id,aimer_score,rank_in_layer,is_pruned (rank 0 = highest score)."""
+    lines = ["layer,expert_id,aimer_score,rank_in_layer,is_pruned"]
+    for layer in plan.layer_ids:
+        lp = plan.layer(layer)
+        if lp.scores is None:
+            raise ValueError("this plan carries no scores")
+        order = sorted(range(len(lp.scores)), key=lambda e: (-lp.scores[e], e))
+        rank = {e: r for r, e in enumerate(order)}
+        pruned = set(lp.pruned)
+        for e, s in enumerate(lp.scores):
+            lines.append(f"{layer},{e},{s!r},{rank[e]},{e in pruned}")
+    return "\n".join(lines) + "\n"
+
+
+def _short(ids: Sequence[int]) -> str:
+    return str(list(ids)) if len(ids) <= 8 else f"[{ids[0]}..{ids[-1]}]"
