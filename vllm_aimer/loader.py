@@ -23,10 +23,11 @@ from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
 
 from vllm_aimer.checkpoint import Checkpoint, open_checkpoint
 from vllm_aimer.layout import ExpertLayout, expert_layout
+from vllm_aimer.metrics import publish
 from vllm_aimer.options import AimerOptions, parse_options
 from vllm_aimer.outputs import ensure_writable_dir, write_plan_outputs
 from vllm_aimer.plan import Plan, identity_plan, make_plan, prune_count, read_plan
-from vllm_aimer.report import PruningReport, write_report
+from vllm_aimer.report import PruningReport, rank as _rank, write_report
 from vllm_aimer.scoring import score_checkpoint
 from vllm_aimer.weights import PrunedWeights
 
@@ -66,6 +67,8 @@ class AimerModelLoader(DefaultModelLoader):
             stats=self._weights.stats if self._weights else None,
             expert_rows=_expert_rows(model), plan_files=[str(p) for p in written])
         write_report(report)
+        if _rank() == 0:
+            publish(report)
         logger.info("%s", report.summary())
         return model
 

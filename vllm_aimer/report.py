@@ -8,7 +8,9 @@ in the first process that loads it; children inherit it).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,8 +21,8 @@ from vllm_aimer.outputs import atomic_write_text
 from vllm_aimer.plan import Plan
 from vllm_aimer.weights import LoadStats
 
-STATE_DIR_ENV = "VLLM_AIMER_STATE_DIR"
-TRACE_READS_ENV = "VLLM_AIMER_TRACE_READS"
+STATE_DIR_ENV = "AIMER_STATE_DIR"
+TRACE_READS_ENV = "AIMER_TRACE_READS"
 REPORT_GLOB = "report-rank*.json"
 
 
@@ -43,7 +45,7 @@ class PruningReport(BaseModel):
     """Leading dim of each MoE layer's expert weights as vLLM allocated them."""
     plan_files: list[str]
     tensors_read: list[str] | None = None
-    """Checkpoint tensors read from disk; only when VLLM_AIMER_TRACE_READS=1."""
+    """Checkpoint tensors read from disk; only when AIMER_TRACE_READS=1."""
 
     @classmethod
     def build(cls, *, model_name: str, plan: Plan, layout: ExpertLayout, source: str,
@@ -93,12 +95,15 @@ def state_dir(create: bool = False) -> Path | None:
             return None
         value = tempfile.mkdtemp(prefix="vllm-aimer-")
         os.environ[STATE_DIR_ENV] = value
+        # The creating process is the top of the process tree: it cleans up.
+        atexit.register(shutil.rmtree, value, ignore_errors=True)
     path = Path(value)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _rank() -> int:
+def rank() -> int:
+    """This process's global rank (0 outside torch.distributed)."""
     import torch.distributed as dist
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -106,7 +111,7 @@ def _rank() -> int:
 def write_report(report: PruningReport) -> Path:
     directory = state_dir(create=True)
     assert directory is not None
-    path = directory / f"report-rank{_rank()}.json"
+    path = directory / f"report-rank{rank()}.json"
     atomic_write_text(path, report.model_dump_json(indent=1))
     return path
 

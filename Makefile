@@ -1,0 +1,17 @@
+# The two commands the README promises. Both set up .venv first (idempotent).
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean
+
+setup:
+	@bash scripts/setup-venv.sh
+
+demo: setup
+	.venv/bin/vllm-aimer demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf .demo .pytest_cache

@@ -1,0 +1,38 @@
+"""Runs one real vLLM engine (CPU, float32) and prints what the tests inspect, as JSON.
+
+Run in its own process so each test gets a fresh engine:
+    python engine_probe.py '{"model": DIR, "extra": {...}, "prompts": [[ids...]]}'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # for apply_model below
+    from vllm import LLM, SamplingParams
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.helpers.inspect_model import expert_shapes
+
+    kwargs = dict(model=spec["model"], dtype="float32", max_model_len=256, max_num_seqs=4,
+                  enforce_eager=True, max_logprobs=20, seed=0)
+    if spec.get("extra") is not None:
+        kwargs.update(load_format="aimer", model_loader_extra_config=spec["extra"])
+    llm = LLM(**kwargs)
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params)
+    logprobs = [{str(tok): lp.logprob for tok, lp in o.outputs[0].logprobs[0].items()}
+                for o in outs]
+    shapes = llm.apply_model(expert_shapes)[0]
+    print("PROBE-RESULT " + json.dumps({"logprobs": logprobs, "shapes": shapes}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""Functions shipped to the vLLM worker with LLM.apply_model (must be importable there)."""
+
+
+def expert_shapes(model) -> dict[str, list[int]]:
+    """Expert weight shapes, and each router's output size (its weight may be
+    repacked into another shape by the CPU backend after loading)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if name.endswith(("experts.w13_weight", "experts.w2_weight")):
+            out[name] = list(p.shape)
+    for name, module in model.named_modules():
+        if name.endswith(".gate") and hasattr(module, "output_size"):
+            out[f"{name}.weight"] = [int(module.output_size), int(module.input_size)]
+    return out

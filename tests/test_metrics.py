@@ -1,0 +1,114 @@
+"""Pruning facts on vLLM's own /metrics, with one API server and with two (prometheus
+multiprocess mode), parsed by prometheus_client's parser and linted by promtool."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import SERVED_NAME, server_args
+from tests.helpers.reference import load_all, EXPERT_RE
+
+pytestmark = pytest.mark.engine
+
+AIMER_METRICS = {
+    "vllm_aimer_experts_per_layer", "vllm_aimer_experts_pruned", "vllm_aimer_moe_layers",
+    "vllm_aimer_top_k", "vllm_aimer_prune_ratio", "vllm_aimer_expert_skipped_bytes",
+    "vllm_aimer_expert_loaded_bytes", "vllm_aimer_scoring_seconds", "vllm_aimer_plan_info",
+}
+VLLM_METRICS = {"vllm:num_requests_running", "vllm:num_requests_waiting",
+                "vllm:kv_cache_usage_perc"}
+
+
+def families(text: str) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def aimer_exposition(text: str) -> str:
+    return "\n".join(l for l in text.splitlines()
+                     if "vllm_aimer_" in l.split(" ", 3)[:3] or l.startswith("vllm_aimer_")
+                     or (l.startswith("#") and " vllm_aimer_" in l)) + "\n"
+
+
+def sample_map(fams, name):
+    return [(s.labels, s.value) for s in fams[name].samples]
+
+
+def expected_bytes(model, plan):
+    """Pruned and kept expert bytes straight from the tensors (independent of the package)."""
+    pruned = {int(k): set(v) for k, v in plan.items()}
+    skipped = loaded = 0
+    for name, t in load_all(model).items():
+        m = EXPERT_RE.search(name)
+        if m:
+            n = t.numel() * t.element_size()
+            if int(m[2]) in pruned[int(m[1])]:
+                skipped += n
+            else:
+                loaded += n
+    return skipped, loaded
+
+
+def check_pruning_metrics(text: str, model, plan_out) -> None:
+    fams = families(text)
+    assert AIMER_METRICS <= set(fams), AIMER_METRICS - set(fams)
+    assert VLLM_METRICS <= set(fams), VLLM_METRICS - set(fams)
+    assert len([n for n in fams if n.startswith("vllm:")]) >= 10
+    plan = json.loads((plan_out / "pruned_experts.json").read_text())
+    per_layer = sample_map(fams, "vllm_aimer_experts_per_layer")
+    assert sorted((l["layer"], l["state"], v) for l, v in per_layer) == sorted(
+        [(str(i), "before", 16.0) for i in range(4)] + [(str(i), "after", 8.0) for i in range(4)])
+    assert all(l["model_name"] == SERVED_NAME for l, _ in per_layer)
+    assert sample_map(fams, "vllm_aimer_experts_pruned")[0][1] == 32
+    assert sample_map(fams, "vllm_aimer_top_k")[0][1] == 2
+    assert sample_map(fams, "vllm_aimer_prune_ratio")[0][1] == 0.5
+    skipped, loaded = expected_bytes(model, plan)
+    assert sample_map(fams, "vllm_aimer_expert_skipped_bytes")[0][1] == skipped
+    assert sample_map(fams, "vllm_aimer_expert_loaded_bytes")[0][1] == loaded
+    assert 0 < sample_map(fams, "vllm_aimer_scoring_seconds")[0][1] < 60
+    (labels, value), = sample_map(fams, "vllm_aimer_plan_info")
+    full_plan = json.loads((plan_out / "plan.json").read_text())
+    assert value == 1 and labels["source"] == "score" and labels["ratio"] == "0.5"
+    assert full_plan["checkpoint"].startswith(labels["checkpoint"])
+    assert len(labels["plan_hash"]) == 16
+
+
+def promtool_check(text: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package `prometheus`; .ci/run installs it)")
+    proc = subprocess.run([promtool, "check", "metrics"], input=text, text=True,
+                          capture_output=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_metrics_single_api_server(pruned_server):
+    text = pruned_server.get("/metrics")
+    check_pruning_metrics(text, pruned_server.model, pruned_server.plan_out)
+
+
+def test_promtool_accepts_the_pruning_metrics(pruned_server):
+    text = pruned_server.get("/metrics")
+    ours = aimer_exposition(text)
+    assert "# TYPE vllm_aimer_plan_info gauge" in ours
+    promtool_check(ours)
+
+
+def test_metrics_with_two_api_servers(tiny_checkpoint, tmp_path):
+    from vllm_aimer.server import ServerProcess
+
+    model = tiny_checkpoint("qwen3_moe")
+    plan_out = tmp_path / "plan"
+    args = server_args({"prune_ratio": 0.5, "plan_out": str(plan_out)}, "--api-server-count", "2")
+    with ServerProcess(model, args, tmp_path / "srv") as server:
+        server.wait_ready()
+        assert "api_server_count=2" in server.log().replace(" ", "") or "ApiServer_1" in server.log()
+        # Each scrape may reach either API server: all must show the same facts.
+        for _ in range(6):
+            text = server.get("/metrics")
+            check_pruning_metrics(text, model, plan_out)
+        promtool_check(aimer_exposition(text))
