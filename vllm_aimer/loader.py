@@ -22,12 +22,13 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
 
 from vllm_aimer.checkpoint import Checkpoint, open_checkpoint
+from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import ExpertLayout, expert_layout
 from vllm_aimer.metrics import publish
 from vllm_aimer.options import AimerOptions, parse_options
 from vllm_aimer.outputs import ensure_writable_dir, write_plan_outputs
 from vllm_aimer.plan import Plan, identity_plan, make_plan, prune_count, read_plan
-from vllm_aimer.report import PruningReport, rank as _rank, write_report
+from vllm_aimer.report import PruningReport, rank as _rank, write_error, write_report
 from vllm_aimer.scoring import score_checkpoint
 from vllm_aimer.weights import PrunedWeights
 
@@ -40,7 +41,11 @@ class AimerModelLoader(DefaultModelLoader):
     """DefaultModelLoader reading safetensors, with AIMER pruning applied."""
 
     def __init__(self, load_config: LoadConfig) -> None:
-        self.options: AimerOptions = parse_options(load_config.model_loader_extra_config)
+        try:
+            self.options: AimerOptions = parse_options(load_config.model_loader_extra_config)
+        except AimerError as e:
+            write_error(str(e))
+            raise
         parent_config = copy.copy(load_config)
         parent_config.load_format = "safetensors"
         parent_config.model_loader_extra_config = dict(self.options.parent)
@@ -49,6 +54,14 @@ class AimerModelLoader(DefaultModelLoader):
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig,
                    prefix: str = "") -> nn.Module:
+        try:
+            return self._load_model(vllm_config, model_config, prefix)
+        except AimerError as e:
+            write_error(str(e))
+            raise
+
+    def _load_model(self, vllm_config: VllmConfig, model_config: ModelConfig,
+                    prefix: str) -> nn.Module:
         ckpt = open_checkpoint(model_config.model)
         layout = expert_layout(ckpt)
         plan_out = (ensure_writable_dir(self.options.plan_out, "plan_out")

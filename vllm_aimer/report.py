@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -95,11 +96,30 @@ def state_dir(create: bool = False) -> Path | None:
             return None
         value = tempfile.mkdtemp(prefix="vllm-aimer-")
         os.environ[STATE_DIR_ENV] = value
-        # The creating process is the top of the process tree: it cleans up.
-        atexit.register(shutil.rmtree, value, ignore_errors=True)
+        # The creating process is the top of the process tree: it has the last word.
+        atexit.register(_at_exit, Path(value))
     path = Path(value)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+ERROR_FILE = "error.txt"
+
+
+def write_error(message: str) -> None:
+    """Record a load failure so the top process can repeat it as its last line."""
+    directory = state_dir()
+    if directory is not None:
+        atomic_write_text(directory / ERROR_FILE, message)
+
+
+def _at_exit(directory: Path) -> None:
+    # vLLM ends a failed start with its own "Engine core initialization failed";
+    # the user should see what to fix as the very last line instead.
+    error = directory / ERROR_FILE
+    if error.is_file():
+        print(error.read_text().strip(), file=sys.stderr, flush=True)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def rank() -> int:
