@@ -15,6 +15,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same directory, then rename over `path`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes 0600 files; plans are meant to be shared (e.g. with a server
+        # running as another user), so give them the usual umask-derived mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

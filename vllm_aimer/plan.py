@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -99,7 +100,8 @@ def max_ratio(num_experts: int, top_k: int) -> float:
 def prune_count(num_layers: int, num_experts: int, top_k: int, ratio: float) -> int:
     """Experts pruned per layer: k with k * layers closest to round(ratio * total).
 
-    Ties go to the smaller k (prune less). Fails when fewer than top_k would remain.
+    `round` is Python's (halves to even), as in the authors' code. Ties between two k
+    go to the smaller one (prune less). Fails when fewer than top_k would remain.
     """
     ratio = check_ratio(ratio)
     target = round(ratio * num_layers * num_experts)
@@ -125,8 +127,9 @@ def make_plan(layout: ExpertLayout, scores: Mapping[int, Sequence[float]], ratio
         pruned = sorted(order[:k])
         kept = sorted(order[k:])
         layers[str(layer)] = LayerPlan(pruned=pruned, kept=kept, scores=s)
+    # The ratio actually pruned (k per layer / experts), which can differ from the request.
     return Plan(checkpoint=checkpoint, family=layout.arch.family, num_experts=layout.num_experts,
-                top_k=layout.top_k, ratio=ratio, layers=layers)
+                top_k=layout.top_k, ratio=k / layout.num_experts, layers=layers)
 
 
 def identity_plan(layout: ExpertLayout, checkpoint: str) -> Plan:
@@ -140,7 +143,7 @@ def identity_plan(layout: ExpertLayout, checkpoint: str) -> Plan:
 def plan_from_pruned_experts(layout: ExpertLayout, pruned: Mapping[str, Any], checkpoint: str,
                              where: str) -> Plan:
     """A plan from the authors' `{"<layer>": [pruned ids]}` format, fully checked."""
-    bad_keys = [k for k in pruned if not str(k).isdigit()]
+    bad_keys = [k for k in pruned if not re.fullmatch(r"0|[1-9][0-9]*", str(k))]
     if bad_keys:
         raise AimerError(f"plan {where} has non-integer layer keys {bad_keys[:5]}.",
                          'a plan maps MoE layer indices to pruned ids: {"0": [3, 7], ...}.')
@@ -190,16 +193,22 @@ def read_plan(path: str | Path, layout: ExpertLayout, checkpoint: str) -> Plan:
     """Read a plan.json (ours) or pruned_experts.json (the authors'), or a directory with one."""
     p = Path(path)
     if p.is_dir():
-        for name in (PLAN_FILE, PRUNED_EXPERTS_FILE):
-            if (p / name).is_file():
-                p = p / name
-                break
+        found = [p / n for n in (PLAN_FILE, PRUNED_EXPERTS_FILE) if (p / n).is_file()]
+        if not found:
+            raise AimerError(f"plan directory {str(path)!r} holds neither {PLAN_FILE} nor "
+                             f"{PRUNED_EXPERTS_FILE}.",
+                             "pass the plan file itself, or the --output directory of "
+                             "`vllm-aimer score`.")
+        p = found[0]
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError:
         raise AimerError(f"plan file {str(path)!r} does not exist.",
                          "pass the path of a pruned_experts.json or plan.json "
                          "(written by `vllm-aimer score`).") from None
+    except OSError as e:
+        raise AimerError(f"plan file {str(p)!r} cannot be read ({e.strerror or e}).",
+                         "check the path and its permissions.") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise AimerError(f"plan file {str(p)!r} is not valid JSON ({e}).",
                          "pass a pruned_experts.json or plan.json written by `vllm-aimer score`.") from None
