@@ -87,3 +87,16 @@ def test_pruned_tensors_are_never_read(pruned_run):
     assert len(expert_reads) == sum(16 - len(p) for p in pruned.values()) * 3
     assert not [r for r in expert_reads if r[1] in pruned[r[0]]]
     assert report["expert_bytes_skipped"] == report["expert_bytes_loaded"] > 0
+
+
+def test_ratio_zero_is_stock_vllm(tiny_checkpoint, tmp_path):
+    """prune_ratio 0 loads exactly what stock vLLM loads: identical log-probabilities."""
+    model = tiny_checkpoint("olmoe")
+    env = dict(os.environ, AIMER_STATE_DIR=str(tmp_path / "state"), TMPDIR=str(tmp_path))
+    stock = run_probe({"model": str(model), "extra": None, "prompts": PROMPTS}, env=env)
+    zero = run_probe({"model": str(model), "extra": {"prune_ratio": 0.0}, "prompts": PROMPTS},
+                     env=env)
+    assert zero["logprobs"] == stock["logprobs"]
+    assert zero["shapes"] == stock["shapes"]
+    report = json.loads((tmp_path / "state" / "report-rank0.json").read_text())
+    assert report["experts_pruned"] == 0 and report["expert_bytes_skipped"] == 0
