@@ -177,6 +177,20 @@ def server_args(extra: dict, *more: str) -> list[str]:
             "--served-model-name", SERVED_NAME, "--max-logprobs", "20", *more]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_home(tmp_path_factory):
+    """Keep the default plan cache (and any other XDG cache) out of the real home."""
+    import os
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def pruned_server(tiny_checkpoint, tmp_path_factory):
     """One real `vllm serve` of the tiny Qwen3-MoE pruned at ratio 0.5, for the session."""
@@ -184,10 +198,10 @@ def pruned_server(tiny_checkpoint, tmp_path_factory):
 
     model = tiny_checkpoint("qwen3_moe")
     work = tmp_path_factory.mktemp("pruned-server")
-    plan_out = work / "plan"
-    server = ServerProcess(model, server_args({"prune_ratio": 0.5, "plan_out": str(plan_out)}),
-                           work)
-    server.model, server.plan_out = model, plan_out
+    plan_out, plan_cache = work / "plan", work / "plan-cache"
+    server = ServerProcess(model, server_args({"prune_ratio": 0.5, "plan_out": str(plan_out),
+                                               "plan_cache": str(plan_cache)}), work)
+    server.model, server.plan_out, server.plan_cache = model, plan_out, plan_cache
     with server:
         server.wait_ready()
         yield server

@@ -53,7 +53,7 @@ def expected_bytes(model, plan):
     return skipped, loaded
 
 
-def check_pruning_metrics(text: str, model, plan_out) -> None:
+def check_pruning_metrics(text: str, model, plan_out, source: str = "score") -> None:
     fams = families(text)
     assert AIMER_METRICS <= set(fams), AIMER_METRICS - set(fams)
     assert VLLM_METRICS <= set(fams), VLLM_METRICS - set(fams)
@@ -69,10 +69,11 @@ def check_pruning_metrics(text: str, model, plan_out) -> None:
     skipped, loaded = expected_bytes(model, plan)
     assert sample_map(fams, "vllm_aimer_expert_skipped_bytes")[0][1] == skipped
     assert sample_map(fams, "vllm_aimer_expert_loaded_bytes")[0][1] == loaded
-    assert 0 < sample_map(fams, "vllm_aimer_scoring_seconds")[0][1] < 60
+    seconds = sample_map(fams, "vllm_aimer_scoring_seconds")[0][1]
+    assert (0 < seconds < 60) if source == "score" else seconds == 0
     (labels, value), = sample_map(fams, "vllm_aimer_plan_info")
     full_plan = json.loads((plan_out / "plan.json").read_text())
-    assert value == 1 and labels["source"] == "score" and labels["ratio"] == "0.5"
+    assert value == 1 and labels["source"] == source and labels["ratio"] == "0.5"
     assert full_plan["checkpoint"].startswith(labels["checkpoint"])
     assert len(labels["plan_hash"]) == 16
 
@@ -98,17 +99,21 @@ def test_promtool_accepts_the_pruning_metrics(pruned_server):
     promtool_check(ours)
 
 
-def test_metrics_with_two_api_servers(tiny_checkpoint, tmp_path):
+def test_metrics_with_two_api_servers(pruned_server, tmp_path):
+    """Also a restart on the same checkpoint and ratio: the plan comes from the cache."""
     from vllm_aimer.server import ServerProcess
 
-    model = tiny_checkpoint("qwen3_moe")
+    model = pruned_server.model
     plan_out = tmp_path / "plan"
-    args = server_args({"prune_ratio": 0.5, "plan_out": str(plan_out)}, "--api-server-count", "2")
+    args = server_args({"prune_ratio": 0.5, "plan_out": str(plan_out),
+                        "plan_cache": str(pruned_server.plan_cache)}, "--api-server-count", "2")
     with ServerProcess(model, args, tmp_path / "srv") as server:
         server.wait_ready()
         assert "api_server_count=2" in server.log().replace(" ", "") or "ApiServer_1" in server.log()
         # Each scrape may reach either API server: all must show the same facts.
         for _ in range(6):
             text = server.get("/metrics")
-            check_pruning_metrics(text, model, plan_out)
+            check_pruning_metrics(text, model, plan_out, source="cache")
+        assert (plan_out / "pruned_experts.json").read_text() == (
+            pruned_server.plan_out / "pruned_experts.json").read_text()
         promtool_check(aimer_exposition(text))

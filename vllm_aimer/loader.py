@@ -28,6 +28,7 @@ from vllm_aimer.metrics import publish
 from vllm_aimer.options import AimerOptions, parse_options
 from vllm_aimer.outputs import ensure_writable_dir, write_plan_outputs
 from vllm_aimer.plan import Plan, identity_plan, make_plan, prune_count, read_plan
+from vllm_aimer.plan_cache import cached_plan, default_cache_dir
 from vllm_aimer.report import PruningReport, rank as _rank, write_error, write_report
 from vllm_aimer.scoring import score_checkpoint
 from vllm_aimer.weights import PrunedWeights
@@ -93,8 +94,25 @@ class AimerModelLoader(DefaultModelLoader):
             return identity_plan(layout, ckpt.fingerprint), "score", 0.0
         # Fails on a ratio that leaves fewer than top_k experts, before any weight is read.
         prune_count(len(layout.layers), layout.num_experts, layout.top_k, ratio)
-        result = score_checkpoint(ckpt, layout)
-        return make_plan(layout, result.scores, ratio, ckpt.fingerprint), "score", result.seconds
+        seconds = 0.0
+
+        def score() -> Plan:
+            nonlocal seconds
+            result = score_checkpoint(ckpt, layout)
+            seconds = result.seconds
+            return make_plan(layout, result.scores, ratio, ckpt.fingerprint)
+
+        cache = self.options.plan_cache
+        if cache is False:
+            return score(), "score", seconds
+        cache_dir = default_cache_dir() if cache is True else Path(cache)
+        try:
+            plan, hit = cached_plan(cache_dir, ckpt.fingerprint, ratio, score)
+        except OSError as e:  # e.g. a read-only home: pruning must not depend on the cache
+            logger.warning("vllm-aimer: plan cache %s unusable (%s); scoring without it",
+                           cache_dir, e)
+            return score(), "score", seconds
+        return plan, ("cache" if hit else "score"), seconds
 
     def get_all_weights(self, model_config: ModelConfig,
                         model: nn.Module) -> Generator[tuple[str, torch.Tensor], None, None]:

@@ -10,7 +10,7 @@ from typing import Any
 from vllm_aimer.errors import AimerError
 from vllm_aimer.plan import check_ratio
 
-AIMER_KEYS: tuple[str, ...] = ("prune_ratio", "plan", "plan_out")
+AIMER_KEYS: tuple[str, ...] = ("prune_ratio", "plan", "plan_out", "plan_cache")
 # Keys vLLM's DefaultModelLoader understands; passed through to it unchanged.
 PARENT_KEYS: tuple[str, ...] = ("enable_multithread_load", "num_threads", "enable_weights_track")
 EXAMPLE = '\'{"prune_ratio": 0.5}\' or \'{"plan": "plan/pruned_experts.json"}\''
@@ -21,6 +21,8 @@ class AimerOptions:
     prune_ratio: float | None = None
     plan: str | None = None
     plan_out: str | None = None
+    plan_cache: str | bool = True
+    """A directory, True for the default (~/.cache/vllm-aimer/plans), False for none."""
     parent: dict[str, Any] = field(default_factory=dict)
     """The remaining keys, for vLLM's own loader."""
 
@@ -44,7 +46,11 @@ def parse_options(extra: Mapping[str, Any] | str | None) -> AimerOptions:
         raise AimerError(
             f"unknown --model-loader-extra-config key(s) {', '.join(map(repr, unknown))}.",
             f"valid keys are {', '.join(AIMER_KEYS + PARENT_KEYS)}.")
-    ratio, plan, plan_out = (extra.get(k) for k in AIMER_KEYS)
+    ratio, plan, plan_out = (extra.get(k) for k in AIMER_KEYS[:3])
+    plan_cache = extra.get("plan_cache", True)
+    if not isinstance(plan_cache, bool) and (not isinstance(plan_cache, str) or not plan_cache.strip()):
+        raise AimerError(f"plan_cache must be a directory path or false, got {plan_cache!r}.",
+                         'pass e.g. "plan_cache": "/cache/plans", or false to always score.')
     if ratio is not None and plan is not None:
         raise AimerError("prune_ratio and plan were both given; a plan already fixes which "
                          "experts are pruned.", "pass only one of them.")
@@ -58,4 +64,4 @@ def parse_options(extra: Mapping[str, Any] | str | None) -> AimerOptions:
             raise AimerError(f"{key} must be a non-empty path string, got {value!r}.",
                              f'pass e.g. "{key}": "/path/to/dir-or-file".')
     parent = {k: v for k, v in extra.items() if k in PARENT_KEYS}
-    return AimerOptions(ratio, plan, plan_out, parent)
+    return AimerOptions(ratio, plan, plan_out, plan_cache, parent)
