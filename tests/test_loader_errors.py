@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# A state directory of our own: the loader records its errors there for `vllm serve`
+# to repeat at exit, which a pytest process need not do.
+os.environ.setdefault("AIMER_STATE_DIR", tempfile.mkdtemp(prefix="aimer-loader-tests-"))
 
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from vllm.model_executor.model_loader import base_loader, get_model_loader  # noqa: E402

@@ -9,6 +9,7 @@ are never read, kept ones are renumbered and routers are sliced.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Generator
 from pathlib import Path
@@ -63,7 +64,11 @@ class AimerModelLoader(DefaultModelLoader):
 
     def _load_model(self, vllm_config: VllmConfig, model_config: ModelConfig,
                     prefix: str) -> nn.Module:
-        ckpt = open_checkpoint(model_config.model)
+        folder = model_config.model
+        if not os.path.isdir(folder):  # a hub id: vLLM downloads it (safetensors) as usual
+            folder, _, _, _ = self._prepare_weights(folder, None, model_config.revision,
+                                                    False, None)
+        ckpt = open_checkpoint(folder)
         layout = expert_layout(ckpt)
         plan_out = (ensure_writable_dir(self.options.plan_out, "plan_out")
                     if self.options.plan_out else None)
