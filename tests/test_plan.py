@@ -385,3 +385,16 @@ def test_check_ratio_rejects(bad):
 def test_check_ratio_accepts(good):
     out = check_ratio(good)
     assert isinstance(out, float) and out == good
+
+
+def test_expert_parallel_checks_name_balanced_ratios():
+    from vllm_aimer.plan import check_expert_parallel, ep_balanced_ratios
+
+    assert ep_balanced_ratios(16, 2, 4) == [0.0, 0.25, 0.5, 0.75]
+    assert check_expert_parallel(16, 8, 2, 4) is None
+    assert check_expert_parallel(16, 8, 2, 1) is None
+    warning = check_expert_parallel(16, 10, 2, 4)  # ranks would hold 3, 3, 2, 2
+    assert warning is not None and "0.25, 0.5" in warning
+    with pytest.raises(AimerError, match="some rank would hold none") as info:
+        check_expert_parallel(16, 3, 2, 4)
+    assert "0.75" in str(info.value)

@@ -39,6 +39,35 @@ class Architecture:
     """Tensors under the MoE block whose dim 0 is indexed by routed expert
     (router rows, router bias, score-correction bias)."""
 
+    # What `vllm-aimer fit` needs to size a model from config.json alone (see fit.py).
+    serving: bool = True
+    """False: `vllm-aimer fit` can size this family, but `--load-format aimer` cannot
+    prune it at load time yet (`architecture_for` rejects it for serving)."""
+    moe_intermediate_keys: tuple[str, ...] = ("moe_intermediate_size",)
+    """Config keys holding one routed expert's intermediate size."""
+    dense_intermediate_keys: tuple[str, ...] = ("intermediate_size",)
+    """Config keys holding the intermediate size of a dense (non-MoE) layer's MLP."""
+    shared_expert_keys: tuple[str, ...] = ()
+    """Config keys holding the shared-expert count (one MLP, count x moe_intermediate wide)."""
+    first_moe_layer_keys: tuple[str, ...] = ()
+    """Config keys: layers below this index are dense (first_k_dense_replace style)."""
+    last_moe_layer_keys: tuple[str, ...] = ()
+    """Config keys: layers above this index are dense (-1 or absent: the last layer)."""
+    moe_layer_step_keys: tuple[str, ...] = ()
+    """Config keys: only layers with (index + 1) % step == 0 are MoE."""
+    dense_layer_list_keys: tuple[str, ...] = ()
+    """Config keys listing layer indices that are dense (mlp_only_layers style)."""
+    qk_norm: str = "none"
+    """Attention q/k norms: "head" (head_dim wide), "full" (hidden and
+    kv_heads x hidden / heads wide, OLMoE) or "none"."""
+    attention_bias_keys: tuple[str, ...] = ("attention_bias",)
+    """Config keys that, when true, give q/k/v/o projections a bias."""
+    tie_word_embeddings_default: bool = False
+    """What the family's config class assumes when tie_word_embeddings is absent."""
+    router_dtype: str | None = None
+    """dtype the checkpoint stores router tensors in when it is not the model's
+    (ERNIE keeps gate and score-correction bias in float32); None: the model dtype."""
+
     @cached_property
     def _per_expert_re(self) -> re.Pattern[str]:
         return re.compile(
@@ -87,6 +116,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         moe_block=r"layers\.(?P<layer>\d+)\.mlp",
         projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
         fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+        moe_intermediate_keys=("moe_intermediate_size",),
+        moe_layer_step_keys=("decoder_sparse_step",),
+        dense_layer_list_keys=("mlp_only_layers",),
+        qk_norm="head",
     ),
     Architecture(
         family="olmoe",
@@ -96,6 +129,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         moe_block=r"layers\.(?P<layer>\d+)\.mlp",
         projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
         fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+        moe_intermediate_keys=("intermediate_size",),
+        qk_norm="full",
     ),
     Architecture(
         family="mixtral",
@@ -105,10 +140,35 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         moe_block=r"layers\.(?P<layer>\d+)\.block_sparse_moe",
         projections={"w1": "gate", "w3": "up", "w2": "down"},
         fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+        moe_intermediate_keys=("intermediate_size",),
+        attention_bias_keys=(),
+    ),
+    # Sized by `vllm-aimer fit` only: load-time pruning of ERNIE is not implemented yet
+    # (its score-correction bias is [1, experts], not indexed by expert on dim 0).
+    Architecture(
+        family="ernie4_5_moe",
+        model_types=("ernie4_5_moe",),
+        expert_count_keys=("moe_num_experts",),
+        top_k_keys=("moe_k",),
+        moe_block=r"layers\.(?P<layer>\d+)\.mlp",
+        projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+        router_tensors=("gate.weight", "moe_statics.e_score_correction_bias"),
+        serving=False,
+        moe_intermediate_keys=("moe_intermediate_size",),
+        shared_expert_keys=("moe_num_shared_experts",),
+        first_moe_layer_keys=("moe_layer_start_index",),
+        last_moe_layer_keys=("moe_layer_end_index",),
+        moe_layer_step_keys=("moe_layer_interval",),
+        attention_bias_keys=("use_bias",),
+        tie_word_embeddings_default=True,
+        router_dtype="float32",
     ),
 )
 
-SUPPORTED_FAMILIES: tuple[str, ...] = tuple(a.family for a in ARCHITECTURES)
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(a.family for a in ARCHITECTURES if a.serving)
+"""Families `--load-format aimer` prunes at load time."""
+FIT_FAMILIES: tuple[str, ...] = tuple(a.family for a in ARCHITECTURES)
+"""Families `vllm-aimer fit` can size."""
 
 
 def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -117,12 +177,28 @@ def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return inner if isinstance(inner, Mapping) else config
 
 
-def architecture_for(config: Mapping[str, Any]) -> Architecture:
-    """The entry for an HF config dict; a clear error for dense or unknown models."""
+def architecture_for(config: Mapping[str, Any], purpose: str = "serve") -> Architecture:
+    """The entry for an HF config dict; a clear error for dense or unknown models.
+
+    purpose "serve" (the loader, score, plan) accepts only families pruned at load
+    time; "fit" (`vllm-aimer fit`, which only sizes a model) accepts every entry.
+    """
     model_type = text_config(config).get("model_type") or config.get("model_type")
     for arch in ARCHITECTURES:
         if model_type in arch.model_types:
+            if purpose == "serve" and not arch.serving:
+                raise AimerError(
+                    f"model_type {model_type!r} ({arch.family}) is supported by `vllm-aimer fit` "
+                    "only for now: load-time pruning of this family is not implemented yet "
+                    f"(load-time pruning supports: {', '.join(SUPPORTED_FAMILIES)}).",
+                    "serve this model without --load-format aimer (use `vllm-aimer fit` to "
+                    "size it), or use a checkpoint of a supported family.")
             return arch
+    if purpose == "fit":
+        raise AimerError(
+            f"model_type {model_type!r} is not a Mixture-of-Experts family `vllm-aimer fit` "
+            f"knows (supported: {', '.join(FIT_FAMILIES)}).",
+            "pass a config.json or checkpoint of a supported family.")
     raise AimerError(
         f"model_type {model_type!r} is not a supported Mixture-of-Experts family "
         f"(supported: {', '.join(SUPPORTED_FAMILIES)}).",

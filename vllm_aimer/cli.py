@@ -88,6 +88,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.workdir), args.ratio, Path(args.model) if args.model else None)
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    """Size a model against N GPUs from headers or config.json alone (reads no weights)."""
+    from vllm_aimer.fit import fit_options, load_model_facts, plan_fit, render_fit
+
+    # Values arrive as strings and are checked by fit_options: one-line errors.
+    opts = fit_options(gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib,
+                       gpu_memory_utilization=args.gpu_memory_utilization,
+                       overhead_gib=args.overhead_gib, max_model_len=args.max_model_len,
+                       max_num_seqs=args.max_num_seqs, kv_cache_dtype=args.kv_cache_dtype,
+                       ratio=args.ratio)
+    facts, model_dir = load_model_facts(args.model)
+    report = plan_fit(facts, opts, model_dir)
+    print(json.dumps(report.to_json(), indent=1) if args.json else render_fit(report))
+    return report.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vllm-aimer",
@@ -119,6 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of experts to prune")
     p.add_argument("--model", help="serve this checkpoint instead of the embedded tiny MoE")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "fit", help="smallest prune ratio that fits the model on N GPUs (reads no weights)",
+        description="Size a MoE model's weights and KV cache against GPU memory and print the "
+                    "smallest uniform prune ratio that fits, a table for 1/2/4/8 GPUs and the "
+                    "`vllm serve` command. Exits 1 when --gpus is given and nothing fits.")
+    p.add_argument("model", help="checkpoint directory (sizes from safetensors headers) or "
+                                 "config.json (sizes from the architecture table)")
+    p.add_argument("--gpus", help="tensor-parallel GPU count to plan for")
+    p.add_argument("--gpu-memory-gib", help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--gpu-memory-utilization",
+                   help="fraction of GPU memory vLLM may use, in (0, 1] (default 0.9)")
+    p.add_argument("--overhead-gib",
+                   help="per-GPU runtime overhead: activations, CUDA graphs (default 1.5)")
+    p.add_argument("--max-model-len",
+                   help="tokens per sequence (default: the model's max_position_embeddings)")
+    p.add_argument("--max-num-seqs",
+                   help="full-length sequences the KV cache must hold (default 1)")
+    p.add_argument("--kv-cache-dtype", help="auto (model dtype), fp8, bfloat16, ... (default auto)")
+    p.add_argument("--ratio", help="prune ratio to report pruned weights at (default 0.5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_fit)
     return parser
 
 

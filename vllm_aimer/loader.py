@@ -28,7 +28,8 @@ from vllm_aimer.layout import ExpertLayout, expert_layout
 from vllm_aimer.metrics import publish
 from vllm_aimer.options import AimerOptions, parse_options
 from vllm_aimer.outputs import ensure_writable_dir, write_plan_outputs
-from vllm_aimer.plan import Plan, identity_plan, make_plan, prune_count, read_plan
+from vllm_aimer.plan import (Plan, check_expert_parallel, identity_plan, make_plan,
+                              prune_count, read_plan)
 from vllm_aimer.plan_cache import cached_plan, default_cache_dir
 from vllm_aimer.report import PruningReport, rank as _rank, write_error, write_report
 from vllm_aimer.scoring import score_checkpoint
@@ -73,6 +74,7 @@ class AimerModelLoader(DefaultModelLoader):
         plan_out = (ensure_writable_dir(self.options.plan_out, "plan_out")
                     if self.options.plan_out else None)
         plan, source, seconds = self._make_plan(ckpt, layout)
+        _check_expert_parallel(vllm_config, plan)
         if plan.total_pruned:
             _set_expert_count(model_config, layout, plan.kept_per_layer)
             self._weights = PrunedWeights(ckpt, layout, plan)
@@ -131,6 +133,19 @@ class AimerModelLoader(DefaultModelLoader):
         yield from self._weights.iterate(skip)
         for source in getattr(model, "secondary_weights", ()):
             yield from self._get_weights_iterator(source)
+
+
+def _check_expert_parallel(vllm_config: VllmConfig, plan: Plan) -> None:
+    """Kept experts are spread by vLLM's EP rules in the new id space; check they can be."""
+    parallel = vllm_config.parallel_config
+    if not parallel.enable_expert_parallel:
+        return
+    # The EP group is DP x PCP x TP, as in vLLM's FusedMoEParallelConfig.
+    ep_size = (parallel.data_parallel_size * parallel.prefill_context_parallel_size
+               * parallel.tensor_parallel_size)
+    warning = check_expert_parallel(plan.num_experts, plan.kept_per_layer, plan.top_k, ep_size)
+    if warning:
+        logger.warning("vllm-aimer: %s", warning)
 
 
 def _set_expert_count(model_config: ModelConfig, layout: ExpertLayout, kept: int) -> None:

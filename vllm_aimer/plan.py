@@ -116,6 +116,32 @@ def prune_count(num_layers: int, num_experts: int, top_k: int, ratio: float) -> 
     return k
 
 
+def ep_balanced_ratios(num_experts: int, top_k: int, ep_size: int) -> list[float]:
+    """Ratios (k / E) whose kept count splits evenly over `ep_size` expert-parallel ranks."""
+    return [k / num_experts for k in range(num_experts - top_k + 1)
+            if (num_experts - k) % ep_size == 0 and num_experts - k >= ep_size]
+
+
+def check_expert_parallel(num_experts: int, kept: int, top_k: int, ep_size: int) -> str | None:
+    """Fail when a rank would hold no expert; a warning text when ranks hold unequal counts.
+
+    vLLM spreads a remainder over the first ranks, so uneven counts work, but the
+    largest rank then sets the memory needed per GPU.
+    """
+    if ep_size <= 1 or kept % ep_size == 0:
+        return None
+    ratio = (num_experts - kept) / num_experts
+    ok = ep_balanced_ratios(num_experts, top_k, ep_size)
+    near = ", ".join(f"{r:.4g}" for r in sorted(ok, key=lambda r: (abs(r - ratio), r))[:3])
+    if kept < ep_size:
+        raise AimerError(
+            f"{kept} kept experts per layer cannot be spread over {ep_size} expert-parallel "
+            "ranks (some rank would hold none).",
+            f"use a prune_ratio that keeps a multiple of {ep_size} experts, e.g. {near}.")
+    return (f"{kept} kept experts per layer do not split evenly over {ep_size} expert-parallel "
+            f"ranks; the largest rank sets the memory per GPU. Balanced ratios nearby: {near}.")
+
+
 def make_plan(layout: ExpertLayout, scores: Mapping[int, Sequence[float]], ratio: float,
               checkpoint: str) -> Plan:
     """Prune the k highest-scored experts of every MoE layer (ties: lower id first)."""

@@ -19,20 +19,25 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.helpers.inspect_model import expert_shapes
+    from tests.helpers.inspect_model import expert_maps, expert_shapes
 
     kwargs = dict(model=spec["model"], dtype="float32", max_model_len=256, max_num_seqs=4,
                   enforce_eager=True, max_logprobs=20, seed=0)
     if spec.get("extra") is not None:
         kwargs.update(load_format="aimer", model_loader_extra_config=spec["extra"])
+    kwargs.update(spec.get("engine", {}))
     llm = LLM(**kwargs)
-    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params)
-    logprobs = [{str(tok): lp.logprob for tok, lp in o.outputs[0].logprobs[0].items()}
-                for o in outs]
-    shapes = llm.apply_model(expert_shapes)[0]
-    print("PROBE-RESULT " + json.dumps({"logprobs": logprobs, "shapes": shapes}), flush=True)
-
+    logprobs = []
+    if spec.get("prompts"):
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params)
+        logprobs = [{str(tok): lp.logprob for tok, lp in o.outputs[0].logprobs[0].items()}
+                    for o in outs]
+    # apply_model answers once per worker (rank).
+    shapes = llm.apply_model(expert_shapes)
+    maps = llm.apply_model(expert_maps)
+    print("PROBE-RESULT " + json.dumps({"logprobs": logprobs, "shapes": shapes[0],
+                                        "rank_shapes": shapes, "expert_maps": maps}), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -12,3 +12,13 @@ def expert_shapes(model) -> dict[str, list[int]]:
         if name.endswith(".gate") and hasattr(module, "output_size"):
             out[f"{name}.weight"] = [int(module.output_size), int(module.input_size)]
     return out
+
+
+def expert_maps(model) -> dict[str, list[int]]:
+    """Each MoE layer's global->local expert map on this rank (vLLM's EP placement)."""
+    out = {}
+    for name, module in model.named_modules():
+        if name.endswith(".experts") and hasattr(module, "expert_map"):
+            m = module.expert_map
+            out[name] = [] if m is None else [int(x) for x in m.tolist()]
+    return out
