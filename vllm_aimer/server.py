@@ -39,8 +39,12 @@ class ServerProcess:
         self.log_path = workdir / "server.log"
         self.cmd = [*vllm_command(), "serve", str(model), "--host", "127.0.0.1",
                     "--port", str(self.port), *args]
+        # Each server sets up its own state (the plugin does, in its first process):
+        # inheriting the caller's would mix reports of different servers.
+        inherited = {k: v for k, v in os.environ.items()
+                     if k not in ("AIMER_STATE_DIR", "PROMETHEUS_MULTIPROC_DIR")}
         # vLLM on CPU leaves sockets and files in TMPDIR: keep them in workdir.
-        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get(
+        self.env = {**inherited, "VLLM_CPU_KVCACHE_SPACE": os.environ.get(
             "VLLM_CPU_KVCACHE_SPACE", "1"), "TMPDIR": str(workdir / "tmp"), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
