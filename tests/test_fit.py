@@ -202,25 +202,39 @@ def test_nothing_fits_says_why_with_numbers(opts, why):
 
 # --------------------------------------------------------------------------- architecture lookup
 
-def test_serving_lookup_rejects_ernie_and_fit_lookup_accepts_it():
+def test_serving_and_fit_lookups_accept_ernie():
     config = load("ernie-4.5-21b-a3b")
-    with pytest.raises(AimerError, match="supported by `vllm-aimer fit` only"):
-        architecture_for(config)
+    assert architecture_for(config).family == "ernie4_5_moe"
     assert architecture_for(config, purpose="fit").family == "ernie4_5_moe"
-    assert SUPPORTED_FAMILIES == ("qwen3_moe", "olmoe", "mixtral")
-    assert FIT_FAMILIES == SUPPORTED_FAMILIES + ("ernie4_5_moe",)
+    assert SUPPORTED_FAMILIES == ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "deepseek",
+                                  "glm4_moe", "ernie4_5_moe")
+    # fit sizes from config only the families whose shapes fit.py models.
+    assert FIT_FAMILIES == ("qwen3_moe", "olmoe", "mixtral", "ernie4_5_moe")
     with pytest.raises(AimerError, match="supported: qwen3_moe, olmoe, mixtral, ernie4_5_moe"):
         architecture_for({"model_type": "llama"}, purpose="fit")
 
 
-def test_loader_path_rejects_ernie_checkpoint(tmp_path):
-    """The loader finds experts through expert_layout, which must refuse ERNIE clearly."""
+def test_fit_only_entries_are_refused_for_serving(monkeypatch):
+    """An entry with serving=False is sized by fit but refused by the loader's lookup."""
+    import vllm_aimer.architectures as archs
+
+    fit_only = tuple(dataclasses.replace(a, serving=False) if a.family == "ernie4_5_moe" else a
+                     for a in archs.ARCHITECTURES)
+    monkeypatch.setattr(archs, "ARCHITECTURES", fit_only)
+    config = load("ernie-4.5-21b-a3b")
+    with pytest.raises(AimerError, match="supported by `vllm-aimer fit` only"):
+        architecture_for(config)
+    assert architecture_for(config, purpose="fit").family == "ernie4_5_moe"
+
+
+def test_loader_path_finds_ernie_experts(tmp_path):
+    """The loader finds experts through expert_layout: ERNIE's MoE layers start at 1."""
     from vllm_aimer.checkpoint import open_checkpoint
     from vllm_aimer.layout import expert_layout
 
-    ckpt = open_checkpoint(_tiny_ernie(tmp_path / "ernie"))
-    with pytest.raises(AimerError, match="load-time pruning of this family is not implemented"):
-        expert_layout(ckpt)
+    layout = expert_layout(open_checkpoint(_tiny_ernie(tmp_path / "ernie")))
+    assert layout.arch.family == "ernie4_5_moe"
+    assert layout.layers == (1, 2) and layout.num_experts == 8 and layout.top_k == 2
 
 
 def test_option_checks():

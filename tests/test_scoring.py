@@ -21,7 +21,7 @@ from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.layout import expert_layout
 from vllm_aimer.scoring import aimer_score_of, score_checkpoint
 
-FAMILIES = ["qwen3_moe", "olmoe", "mixtral"]
+FAMILIES = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REL = 1e-6
 
@@ -155,12 +155,14 @@ def test_scale_invariance(tiny_checkpoint, tmp_path):
 
 
 def test_constant_magnitude_scores_one():
+    # Squares of float32 weights are formed in float32 (1 ulp ~ 6e-8), so "exactly 1"
+    # holds to ~1e-8; the scoring contract is 1e-6 relative.
     n = 1000
     signs = torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0)
-    assert aimer_score_of([signs * 0.37]) == pytest.approx(1.0, rel=1e-9)
+    assert aimer_score_of([signs * 0.37]) == pytest.approx(1.0, rel=1e-7)
     # Split over gate/up/down-like pieces of different shapes.
     assert aimer_score_of([torch.full((4, 5), -2.5), torch.full((10,), 2.5),
-                           torch.full((2, 3), 2.5)]) == pytest.approx(1.0, rel=1e-9)
+                           torch.full((2, 3), 2.5)]) == pytest.approx(1.0, rel=1e-7)
 
 
 @pytest.mark.parametrize("n", [1, 7, 4096, 12288])

@@ -67,10 +67,11 @@ def pruned_ids(plan) -> dict[int, list[int]]:
 
 
 @pytest.mark.parametrize("family, kwargs", [
-    ("qwen3_moe", {}), ("olmoe", {}), ("mixtral", {}),
+    ("qwen3_moe", {}), ("olmoe", {}), ("mixtral", {}), ("qwen2_moe", {}),
     ("qwen3_moe", {"dtype": torch.bfloat16, "max_shard_size": "1MB"}),
-    ("mixtral", {"max_shard_size": "1MB"}),
-], ids=["qwen3_moe", "olmoe", "mixtral", "qwen3_moe-bf16-sharded", "mixtral-sharded"])
+    ("mixtral", {"max_shard_size": "1MB"}), ("qwen2_moe", {"fused": True}),
+], ids=["qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "qwen3_moe-bf16-sharded",
+        "mixtral-sharded", "qwen2_moe-fused"])
 def test_stream_equals_reference_slice(tiny_checkpoint, family, kwargs):
     model = tiny_checkpoint(family, **kwargs)
     ckpt, layout, plan = scored_plan(model)

@@ -35,14 +35,24 @@ class Architecture:
     """Per-expert tensor names (`experts.{id}.<name>.weight`) -> AIMER role."""
     fused_projections: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Fused tensor names (`experts.<name>`, dim 0 = expert) -> roles they hold."""
-    router_tensors: tuple[str, ...] = ("gate.weight",)
-    """Tensors under the MoE block whose dim 0 is indexed by routed expert
-    (router rows, router bias, score-correction bias)."""
+    router_tensors: Mapping[str, int] = field(default_factory=lambda: {"gate.weight": 0})
+    """Tensors under the MoE block indexed by routed expert (router rows, router bias,
+    score-correction bias) -> the dimension that expert indexes (ERNIE's score-correction
+    bias is [1, experts]: dim 1)."""
+    group_count_keys: tuple[str, ...] = ()
+    """Config keys holding the number of expert groups of a group-limited router
+    (DeepSeek-V3 `n_group`): experts form that many contiguous groups of equal size."""
+    group_topk_keys: tuple[str, ...] = ()
+    """Config keys holding how many groups each token may be routed to (`topk_group`)."""
 
     # What `vllm-aimer fit` needs to size a model from config.json alone (see fit.py).
     serving: bool = True
     """False: `vllm-aimer fit` can size this family, but `--load-format aimer` cannot
     prune it at load time yet (`architecture_for` rejects it for serving)."""
+    fit: bool = True
+    """False: `vllm-aimer fit` cannot size this family from its config yet (its
+    attention or shared-expert shapes are not modelled there); load-time pruning
+    does not depend on this."""
     moe_intermediate_keys: tuple[str, ...] = ("moe_intermediate_size",)
     """Config keys holding one routed expert's intermediate size."""
     dense_intermediate_keys: tuple[str, ...] = ("intermediate_size",)
@@ -101,9 +111,16 @@ class Architecture:
         return (int(m["layer"]), m["proj"]) if m else None
 
     def match_router(self, name: str) -> int | None:
-        """Layer of a router tensor indexed by expert on dim 0, else None."""
+        """Layer of a router tensor indexed by expert, else None."""
         m = self._router_re.match(name)
         return int(m["layer"]) if m else None
+
+    def router_dim(self, name: str) -> int:
+        """The dimension of router tensor `name` that routed experts index."""
+        for tail, dim in self.router_tensors.items():
+            if name.endswith(f".{tail}"):
+                return dim
+        raise KeyError(name)
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -143,8 +160,59 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         moe_intermediate_keys=("intermediate_size",),
         attention_bias_keys=(),
     ),
-    # Sized by `vllm-aimer fit` only: load-time pruning of ERNIE is not implemented yet
-    # (its score-correction bias is [1, experts], not indexed by expert on dim 0).
+    Architecture(
+        family="qwen2_moe",
+        model_types=("qwen2_moe",),
+        expert_count_keys=("num_experts",),
+        top_k_keys=("num_experts_per_tok",),
+        moe_block=r"layers\.(?P<layer>\d+)\.mlp",
+        # The shared expert (`mlp.shared_expert.*`, `mlp.shared_expert_gate.weight`) is
+        # not matched by these names, so it is never scored nor sliced.
+        projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+        moe_intermediate_keys=("moe_intermediate_size",),
+        moe_layer_step_keys=("decoder_sparse_step",),
+        dense_layer_list_keys=("mlp_only_layers",),
+        fit=False,  # shared_expert_intermediate_size is not modelled by fit.py
+    ),
+    Architecture(
+        family="deepseek",
+        model_types=("deepseek_v2", "deepseek_v3"),
+        expert_count_keys=("n_routed_experts",),
+        top_k_keys=("num_experts_per_tok",),
+        moe_block=r"layers\.(?P<layer>\d+)\.mlp",
+        # Shared experts (`mlp.shared_experts.*`) and the dense first_k_dense_replace
+        # layers (`mlp.{gate,up,down}_proj`) do not match `mlp.experts.{id}`.
+        projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+        # V3's score-correction bias is [experts]; V2 has none.
+        router_tensors={"gate.weight": 0, "gate.e_score_correction_bias": 0},
+        # n_group is left unchanged: vLLM's group size is experts / n_group, and
+        # plan.check_groups keeps the groups equal.
+        group_count_keys=("n_group",),
+        group_topk_keys=("topk_group",),
+        fit=False,  # MLA attention is not modelled by fit.py
+        moe_intermediate_keys=("moe_intermediate_size",),
+        shared_expert_keys=("n_shared_experts",),
+        first_moe_layer_keys=("first_k_dense_replace",),
+    ),
+    Architecture(
+        family="glm4_moe",
+        model_types=("glm4_moe",),
+        expert_count_keys=("n_routed_experts",),
+        top_k_keys=("num_experts_per_tok",),
+        moe_block=r"layers\.(?P<layer>\d+)\.mlp",
+        # Shared experts (`mlp.shared_experts.*`) and dense first layers are not matched.
+        projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+        router_tensors={"gate.weight": 0, "gate.e_score_correction_bias": 0},
+        group_count_keys=("n_group",),
+        group_topk_keys=("topk_group",),
+        fit=False,  # partial rotary / q-k norms not checked against fit.py
+        moe_intermediate_keys=("moe_intermediate_size",),
+        shared_expert_keys=("n_shared_experts",),
+        first_moe_layer_keys=("first_k_dense_replace",),
+    ),
     Architecture(
         family="ernie4_5_moe",
         model_types=("ernie4_5_moe",),
@@ -152,8 +220,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         top_k_keys=("moe_k",),
         moe_block=r"layers\.(?P<layer>\d+)\.mlp",
         projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
-        router_tensors=("gate.weight", "moe_statics.e_score_correction_bias"),
-        serving=False,
+        # The score-correction bias is [1, experts]: experts index dim 1.
+        router_tensors={"gate.weight": 0, "moe_statics.e_score_correction_bias": 1},
         moe_intermediate_keys=("moe_intermediate_size",),
         shared_expert_keys=("moe_num_shared_experts",),
         first_moe_layer_keys=("moe_layer_start_index",),
@@ -167,7 +235,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
 
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(a.family for a in ARCHITECTURES if a.serving)
 """Families `--load-format aimer` prunes at load time."""
-FIT_FAMILIES: tuple[str, ...] = tuple(a.family for a in ARCHITECTURES)
+FIT_FAMILIES: tuple[str, ...] = tuple(a.family for a in ARCHITECTURES if a.fit)
 """Families `vllm-aimer fit` can size."""
 
 
@@ -185,7 +253,7 @@ def architecture_for(config: Mapping[str, Any], purpose: str = "serve") -> Archi
     """
     model_type = text_config(config).get("model_type") or config.get("model_type")
     for arch in ARCHITECTURES:
-        if model_type in arch.model_types:
+        if model_type in arch.model_types and (purpose != "fit" or arch.fit):
             if purpose == "serve" and not arch.serving:
                 raise AimerError(
                     f"model_type {model_type!r} ({arch.family}) is supported by `vllm-aimer fit` "

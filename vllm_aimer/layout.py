@@ -9,9 +9,17 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from vllm_aimer.architectures import ROLES, Architecture, architecture_for, config_value
+from vllm_aimer.architectures import (ROLES, Architecture, architecture_for, config_value,
+                                      text_config)
 from vllm_aimer.checkpoint import Checkpoint, TensorInfo
 from vllm_aimer.errors import AimerError
+
+
+# Block-quantized FP8 weights (DeepSeek-V3, Qwen3-FP8): `<name>` in float8 with
+# `<name>_scale_inv` holding one float32 scale per block of the weight.
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+SCALE_SUFFIX = "_scale_inv"
+DEFAULT_FP8_BLOCK = (128, 128)
 
 
 @dataclass(frozen=True)
@@ -19,6 +27,10 @@ class ScoredTensor:
     """One tensor AIMER reads; `expert` is None for a fused tensor (dim 0 = expert)."""
     info: TensorInfo
     expert: int | None
+    scale: TensorInfo | None = None
+    """Block scales of an FP8 weight (dequantized value = weight x its block's scale)."""
+    block: tuple[int, int] = DEFAULT_FP8_BLOCK
+    """(rows, columns) of one scale block."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,10 @@ class ExpertLayout:
     """Per layer: the gate/up/down weight tensors AIMER reads."""
     expert_bytes: dict[int, list[int]]
     """Per layer, per expert: bytes of all its tensors (weights, scales, biases)."""
+    n_group: int = 1
+    """Expert groups of a group-limited router (contiguous, equal size); 1: none."""
+    topk_group: int = 1
+    """Groups each token may be routed to (meaningful when n_group > 1)."""
 
     @property
     def total_experts(self) -> int:
@@ -42,6 +58,7 @@ def expert_layout(ckpt: Checkpoint) -> ExpertLayout:
     arch = architecture_for(ckpt.config)
     num_experts = config_value(ckpt.config, arch.expert_count_keys, "routed expert count")
     top_k = config_value(ckpt.config, arch.top_k_keys, "top_k (experts per token)")
+    n_group, topk_group = expert_groups(ckpt.config, arch, num_experts)
 
     scored: dict[int, list[ScoredTensor]] = defaultdict(list)
     roles_seen: dict[tuple[int, int], set[str]] = defaultdict(set)
@@ -63,7 +80,7 @@ def expert_layout(ckpt: Checkpoint) -> ExpertLayout:
             expert_bytes[layer][expert] += info.nbytes
             role = arch.projections.get(proj)
             if role is not None and info.name.endswith(f"{proj}.weight"):
-                scored[layer].append(ScoredTensor(info, expert))
+                scored[layer].append(_scored(ckpt, info, expert))
                 roles_seen[(layer, expert)].add(role)
             continue
         fused = arch.match_fused(info.name)
@@ -77,6 +94,11 @@ def expert_layout(ckpt: Checkpoint) -> ExpertLayout:
             share = info.nbytes // num_experts
             expert_bytes[layer] = [b + share for b in expert_bytes[layer]]
             roles = arch.fused_projections.get(proj)
+            if roles and info.dtype in FP8_DTYPES:
+                raise AimerError(
+                    f"fused expert tensor {info.name} is {info.dtype}: AIMER scores "
+                    "dequantized weights, and FP8 is supported in the per-expert layout only.",
+                    "use the checkpoint's per-expert (or unquantized) release.")
             if roles and not info.name.endswith(("_bias", ".bias")):
                 scored[layer].append(ScoredTensor(info, None))
                 fused_roles[layer].update(roles)
@@ -96,4 +118,52 @@ def expert_layout(ckpt: Checkpoint) -> ExpertLayout:
                     "weights in the checkpoint.",
                     "the checkpoint is incomplete or in an unsupported layout; re-download it.")
         scored[layer].sort(key=lambda s: (s.info.file, s.expert or 0, s.info.name))
-    return ExpertLayout(arch, num_experts, top_k, layers, dict(scored), dict(expert_bytes))
+    return ExpertLayout(arch, num_experts, top_k, layers, dict(scored), dict(expert_bytes),
+                        n_group, topk_group)
+
+
+def _fp8_block(config) -> tuple[int, int]:
+    quant = text_config(config).get("quantization_config") or config.get("quantization_config")
+    block = quant.get("weight_block_size") if isinstance(quant, dict) else None
+    if isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) for b in block):
+        return block[0], block[1]
+    return DEFAULT_FP8_BLOCK
+
+
+def _scored(ckpt: Checkpoint, info: TensorInfo, expert: int | None) -> ScoredTensor:
+    """A per-expert weight to score, with its block scales when it is FP8."""
+    if info.dtype not in FP8_DTYPES:
+        return ScoredTensor(info, expert)
+    scale = ckpt.tensors.get(info.name + SCALE_SUFFIX)
+    block = _fp8_block(ckpt.config)
+    if scale is None or len(info.shape) != 2:
+        raise AimerError(
+            f"FP8 expert weight {info.name} {list(info.shape)} has no block scales "
+            f"({info.name}{SCALE_SUFFIX}); AIMER scores dequantized weights.",
+            "use a block-quantized FP8 checkpoint (DeepSeek-V3 / Qwen3-FP8 style) or the "
+            "unquantized one.")
+    want = tuple(-(-d // b) for d, b in zip(info.shape, block))
+    if tuple(scale.shape) != want:
+        raise AimerError(
+            f"block scales {scale.name} have shape {list(scale.shape)}, expected {list(want)} "
+            f"for weight {list(info.shape)} in {block[0]}x{block[1]} blocks.",
+            "check quantization_config.weight_block_size in config.json.")
+    return ScoredTensor(info, expert, scale, block)
+
+
+def expert_groups(config, arch: Architecture, num_experts: int) -> tuple[int, int]:
+    """(n_group, topk_group) of a group-limited router; (1, 1) for a plain one."""
+    if not arch.group_count_keys:
+        return 1, 1
+    cfg = text_config(config)
+    n_group = next((cfg[k] for k in arch.group_count_keys if isinstance(cfg.get(k), int)), None)
+    if n_group is None or n_group <= 1:
+        return 1, 1
+    topk_group = next((cfg[k] for k in arch.group_topk_keys if isinstance(cfg.get(k), int)),
+                      n_group)
+    if num_experts % n_group:
+        raise AimerError(
+            f"config.json has {num_experts} routed experts in {n_group} groups "
+            f"({'/'.join(arch.group_count_keys)}), which do not divide evenly.",
+            "check that the checkpoint's config.json is complete and consistent.")
+    return n_group, topk_group

@@ -100,7 +100,8 @@ class AimerModelLoader(DefaultModelLoader):
         if ratio == 0.0:
             return identity_plan(layout, ckpt.fingerprint), "score", 0.0
         # Fails on a ratio that leaves fewer than top_k experts, before any weight is read.
-        prune_count(len(layout.layers), layout.num_experts, layout.top_k, ratio)
+        prune_count(len(layout.layers), layout.num_experts, layout.top_k, ratio,
+                    layout.n_group, layout.topk_group)
         seconds = 0.0
 
         def score() -> Plan:

@@ -97,11 +97,14 @@ def max_ratio(num_experts: int, top_k: int) -> float:
     return (num_experts - top_k) / num_experts
 
 
-def prune_count(num_layers: int, num_experts: int, top_k: int, ratio: float) -> int:
+def prune_count(num_layers: int, num_experts: int, top_k: int, ratio: float,
+                n_group: int = 1, topk_group: int = 1) -> int:
     """Experts pruned per layer: k with k * layers closest to round(ratio * total).
 
     `round` is Python's (halves to even), as in the authors' code. Ties between two k
-    go to the smaller one (prune less). Fails when fewer than top_k would remain.
+    go to the smaller one (prune less). Fails when fewer than top_k would remain, or
+    (group-limited routers, n_group > 1) when k does not split evenly over the groups
+    or the groups a token may use would hold fewer than top_k kept experts.
     """
     ratio = check_ratio(ratio)
     target = round(ratio * num_layers * num_experts)
@@ -113,7 +116,56 @@ def prune_count(num_layers: int, num_experts: int, top_k: int, ratio: float) -> 
             f"prune_ratio {ratio} would keep {num_experts - k} of {num_experts} experts per "
             f"layer, fewer than top_k={top_k} experts each token is routed to.",
             f"use a prune_ratio of at most {limit:.4g} (keeps {top_k} experts per layer).")
+    check_groups(num_experts, k, top_k, n_group, topk_group, f"prune_ratio {ratio}")
     return k
+
+
+def group_ratios(num_experts: int, top_k: int, n_group: int, topk_group: int) -> list[float]:
+    """Ratios k / E a group-limited router accepts: k a multiple of n_group, and the
+    topk_group groups a token may use still holding top_k kept experts."""
+    return [k / num_experts for k in range(0, num_experts, n_group)
+            if (num_experts - k) // n_group * topk_group >= top_k]
+
+
+def check_groups(num_experts: int, k: int, top_k: int, n_group: int, topk_group: int,
+                 what: str) -> None:
+    """Fail when pruning k experts per layer breaks a group-limited router.
+
+    Such a router (DeepSeek-V3 style) splits a layer's experts into n_group contiguous
+    groups of E / n_group, picks topk_group groups per token and top_k experts within
+    them; vLLM derives the group size from the expert count, so every group must lose
+    the same number of experts, and topk_group groups must still hold top_k experts.
+    """
+    if n_group <= 1:
+        return
+    ok = group_ratios(num_experts, top_k, n_group, topk_group)
+    works = ", ".join(f"{r:.4g}" for r in ok)
+    fix = (f"use a prune_ratio that prunes a multiple of {n_group} experts per layer and "
+           f"keeps at least {-(-top_k // topk_group)} per group; ratios that work: {works}.")
+    if k % n_group:
+        raise AimerError(
+            f"{what} would prune {k} of {num_experts} experts per layer, which does not split "
+            f"evenly over the router's {n_group} expert groups (n_group={n_group}); vLLM's "
+            "group-limited router needs groups of equal size.", fix)
+    per_group = (num_experts - k) // n_group
+    if per_group * topk_group < top_k:
+        raise AimerError(
+            f"{what} would keep {per_group} experts in each of {n_group} groups; a token is "
+            f"routed within topk_group={topk_group} groups, so at most {per_group * topk_group} "
+            f"experts could be chosen, fewer than top_k={top_k}.", fix)
+
+
+def select_pruned(scores: Sequence[float], k: int, n_group: int = 1) -> list[int]:
+    """The k experts to prune from one layer, sorted: the highest AIMER scores (ties:
+    lower id first). With n_group > 1 the experts form n_group contiguous groups of
+    E / n_group and each group loses its own k / n_group highest-scored experts."""
+    size = len(scores) // n_group
+    per_group = k // n_group
+    pruned: list[int] = []
+    for g in range(n_group):
+        ids = range(g * size, (g + 1) * size)
+        pruned += sorted(ids, key=lambda e: (-float(scores[e]), e))[:per_group]
+    return sorted(pruned)
 
 
 def ep_balanced_ratios(num_experts: int, top_k: int, ep_size: int) -> list[float]:
@@ -145,13 +197,13 @@ def check_expert_parallel(num_experts: int, kept: int, top_k: int, ep_size: int)
 def make_plan(layout: ExpertLayout, scores: Mapping[int, Sequence[float]], ratio: float,
               checkpoint: str) -> Plan:
     """Prune the k highest-scored experts of every MoE layer (ties: lower id first)."""
-    k = prune_count(len(layout.layers), layout.num_experts, layout.top_k, ratio)
+    k = prune_count(len(layout.layers), layout.num_experts, layout.top_k, ratio,
+                    layout.n_group, layout.topk_group)
     layers: dict[str, LayerPlan] = {}
     for layer in layout.layers:
         s = [float(x) for x in scores[layer]]
-        order = sorted(range(len(s)), key=lambda e: (-s[e], e))
-        pruned = sorted(order[:k])
-        kept = sorted(order[k:])
+        pruned = select_pruned(s, k, layout.n_group)
+        kept = [e for e in range(len(s)) if e not in set(pruned)]
         layers[str(layer)] = LayerPlan(pruned=pruned, kept=kept, scores=s)
     # The ratio actually pruned (k per layer / experts), which can differ from the request.
     return Plan(checkpoint=checkpoint, family=layout.arch.family, num_experts=layout.num_experts,
@@ -206,6 +258,20 @@ def plan_from_pruned_experts(layout: ExpertLayout, pruned: Mapping[str, Any], ch
             "vLLM builds every MoE layer with one expert count, so plans must be uniform.",
             "prune the same number of experts in every layer (vllm-aimer score makes uniform plans).")
     k = counts.pop() if counts else 0
+    if layout.n_group > 1:
+        size = layout.num_experts // layout.n_group
+        for layer in want:
+            per_group = [sum(1 for e in layers[str(layer)].pruned if e // size == g)
+                         for g in range(layout.n_group)]
+            if len(set(per_group)) > 1:
+                raise AimerError(
+                    f"plan {where}: layer {layer} prunes {per_group} experts from the router's "
+                    f"{layout.n_group} expert groups of {size}; a group-limited router needs "
+                    "the same count pruned from every group.",
+                    "prune the same number of experts from every group (vllm-aimer score "
+                    "makes such plans).")
+        check_groups(layout.num_experts, k, layout.top_k, layout.n_group, layout.topk_group,
+                     f"plan {where}")
     if layout.num_experts - k < layout.top_k:
         raise AimerError(
             f"plan {where} keeps {layout.num_experts - k} experts per layer, fewer than "

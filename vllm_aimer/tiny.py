@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("qwen3_moe", "olmoe", "mixtral")
+FAMILIES = ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3",
+            "ernie4_5_moe", "glm4_moe")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
@@ -43,6 +44,44 @@ def _config(family: str, num_layers: int, num_experts: int, top_k: int, vocab: i
     if family == "qwen3_moe":
         return transformers.Qwen3MoeConfig(num_experts=num_experts, moe_intermediate_size=64,
                                            decoder_sparse_step=1, norm_topk_prob=True, **common)
+    if family == "qwen2_moe":
+        # A shared expert (with its sigmoid gate) next to the routed ones.
+        return transformers.Qwen2MoeConfig(num_experts=num_experts, moe_intermediate_size=64,
+                                           shared_expert_intermediate_size=64,
+                                           decoder_sparse_step=1, **common)
+    if family in ("deepseek_v2", "deepseek_v3"):
+        # MLA attention (vLLM's MLA backends need kv_lora_rank + qk_rope_head_dim in
+        # {320, 512, 576}), a dense first layer, one shared expert, and a group-limited
+        # router: 4 groups of 4 experts, tokens routed within 2 groups.
+        mla = dict(kv_lora_rank=256, q_lora_rank=None, qk_rope_head_dim=64,
+                   qk_nope_head_dim=32, v_head_dim=32)
+        # MLA has no grouped KV heads (transformers needs kv heads == heads).
+        kw = {k: v for k, v in common.items() if k != "head_dim"} | {"num_key_value_heads": 2}
+        moe = dict(n_routed_experts=num_experts, moe_intermediate_size=64, n_shared_experts=1,
+                   first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True)
+        if family == "deepseek_v2":
+            return transformers.DeepseekV2Config(topk_method="group_limited_greedy",
+                                                 **mla, **moe, **kw)
+        # As in DeepSeek-V3's config.json: sigmoid scores with a score-correction bias.
+        return transformers.DeepseekV3Config(topk_method="noaux_tc", scoring_func="sigmoid",
+                                             **mla, **moe, **kw)
+    if family == "ernie4_5_moe":
+        # A dense first layer, one shared expert, float32 router and [1, E]
+        # score-correction bias (`mlp.moe_statics.e_score_correction_bias`).
+        kw = {k: v for k, v in common.items() if k != "num_experts_per_tok"}
+        return transformers.Ernie4_5_MoeConfig(moe_num_experts=num_experts, moe_k=top_k,
+                                               moe_intermediate_size=64, moe_num_shared_experts=1,
+                                               moe_layer_start_index=1, moe_layer_interval=1,
+                                               **kw)
+    if family == "glm4_moe":
+        # GLM-4.5 style: a dense first layer, one shared expert, sigmoid router with a
+        # score-correction bias, q/k norms, partial rotary; 4 groups of 4 experts,
+        # tokens routed within 2 groups (GLM-4.5 itself ships n_group 1).
+        return transformers.Glm4MoeConfig(n_routed_experts=num_experts, moe_intermediate_size=64,
+                                          n_shared_experts=1, first_k_dense_replace=1,
+                                          n_group=4, topk_group=2, norm_topk_prob=True,
+                                          use_qk_norm=True, attention_bias=True,
+                                          partial_rotary_factor=0.5, **common)
     if family == "olmoe":
         return transformers.OlmoeConfig(num_experts=num_experts, **common)
     if family == "mixtral":
@@ -78,8 +117,12 @@ def expert_alphas(num_layers: int, num_experts: int, seed: int) -> list[list[flo
 def build_tiny_moe(directory: str | Path, family: str = "qwen3_moe", *, num_layers: int = 4,
                    num_experts: int = 16, top_k: int = 2, seed: int = 0,
                    dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
-                   fused: bool = False) -> Path:
-    """Write a tiny random MoE checkpoint with a tokenizer to `directory`."""
+                   fused: bool = False, fp8_block: tuple[int, int] | None = None) -> Path:
+    """Write a tiny random MoE checkpoint with a tokenizer to `directory`.
+
+    fp8_block: store routed experts' weights block-quantized in float8_e4m3fn with
+    `*.weight_scale_inv` per (rows, columns) block, as DeepSeek-V3 / Qwen3-FP8 do.
+    """
     import transformers
 
     directory = Path(directory)
@@ -101,6 +144,10 @@ def build_tiny_moe(directory: str | Path, family: str = "qwen3_moe", *, num_laye
             u = torch.randn(tensor[expert].shape, generator=g)
             w = u.sign() * u.abs().pow(alphas[layer][expert])
             tensor[expert].copy_(0.05 * w / w.std())
+    for name, tensor in state.items():
+        # Score-correction biases start at zero: make them distinct so slicing shows.
+        if name.endswith("e_score_correction_bias"):
+            tensor.copy_(0.01 * torch.randn(tensor.shape, generator=g))
     model.load_state_dict(state)
     model = model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
@@ -108,7 +155,48 @@ def build_tiny_moe(directory: str | Path, family: str = "qwen3_moe", *, num_laye
     build_tokenizer(directory, vocab)
     if fused:
         fuse_experts(directory, family)
+    if fp8_block:
+        quantize_experts_fp8(directory, fp8_block)
     return directory
+
+
+def quantize_experts_fp8(directory: Path, block: tuple[int, int] = (128, 128)) -> None:
+    """Rewrite per-expert `experts.{id}.*.weight` tensors as float8_e4m3fn plus a float32
+    `*.weight_scale_inv` [ceil(out/br), ceil(in/bc)] (block amax / 448), and record
+    `quantization_config` in config.json, in the layout of block-FP8 checkpoints."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    expert_weight = re.compile(r"\.experts\.\d+\.[^.]+\.weight$")
+    files = sorted(directory.glob("*.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(f))
+        f.unlink()
+    (directory / "model.safetensors.index.json").unlink(missing_ok=True)
+    br, bc = block
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if not expert_weight.search(name):
+            out[name] = t
+            continue
+        w = t.to(torch.float32)
+        rows, cols = w.shape
+        sr, sc = -(-rows // br), -(-cols // bc)
+        padded = torch.zeros(sr * br, sc * bc)
+        padded[:rows, :cols] = w
+        blocks = padded.reshape(sr, br, sc, bc)
+        scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+        q = (blocks / scale[:, None, :, None]).reshape(sr * br, sc * bc)[:rows, :cols]
+        out[name] = q.to(torch.float8_e4m3fn).contiguous()
+        out[name + "_scale_inv"] = scale.contiguous()
+    save_file(out, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                     "activation_scheme": "dynamic",
+                                     "weight_block_size": [br, bc]}
+    write_json(directory / "config.json", config)
 
 
 def fuse_experts(directory: Path, family: str) -> None:

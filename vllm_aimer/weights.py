@@ -96,7 +96,8 @@ class PrunedWeights:
         layer = self.arch.match_router(name)
         if layer is not None and layer in self.kept:
             kept = torch.tensor(self.kept[layer], dtype=torch.long)
-            return name, self._read(f, name).index_select(0, kept).contiguous()
+            dim = self.arch.router_dim(name)
+            return name, self._read(f, name).index_select(dim, kept).contiguous()
 
         if skip is not None and skip(name):
             return None

@@ -19,7 +19,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.helpers.inspect_model import expert_maps, expert_shapes
+    from tests.helpers.inspect_model import expert_maps, expert_shapes, param_digests
 
     kwargs = dict(model=spec["model"], dtype="float32", max_model_len=256, max_num_seqs=4,
                   enforce_eager=True, max_logprobs=20, seed=0)
@@ -36,8 +36,10 @@ def main() -> None:
     # apply_model answers once per worker (rank).
     shapes = llm.apply_model(expert_shapes)
     maps = llm.apply_model(expert_maps)
+    digests = llm.apply_model(param_digests)[0] if spec.get("digests") else None
     print("PROBE-RESULT " + json.dumps({"logprobs": logprobs, "shapes": shapes[0],
-                                        "rank_shapes": shapes, "expert_maps": maps}), flush=True)
+                                        "rank_shapes": shapes, "expert_maps": maps,
+                                        "digests": digests}), flush=True)
 
 if __name__ == "__main__":
     main()

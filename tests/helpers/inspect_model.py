@@ -22,3 +22,17 @@ def expert_maps(model) -> dict[str, list[int]]:
             m = module.expert_map
             out[name] = [] if m is None else [int(x) for x in m.tolist()]
     return out
+
+
+def param_digests(model) -> dict[str, str]:
+    """sha256 of every parameter's and buffer's bytes, as the worker holds them."""
+    import hashlib
+
+    import torch
+
+    out = {}
+    for kind, items in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            data = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            out[f"{kind}:{name}"] = f"{t.dtype}{list(t.shape)}:" + hashlib.sha256(data).hexdigest()
+    return out

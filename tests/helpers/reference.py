@@ -14,8 +14,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 EXPERT_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
-ROUTER_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight$")
+ROUTER_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\."
+                       r"(?:gate\.weight|gate\.e_score_correction_bias"
+                       r"|moe_statics\.e_score_correction_bias)$")
 PROJS = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}
+# Config keys that hold the routed-expert count, over the families tested.
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def expert_count(config: dict) -> int:
+    return next(config[k] for k in EXPERT_COUNT_KEYS if k in config)
+
+
+def router_expert_dim(name: str, t: torch.Tensor) -> int:
+    """Routers are [E, H] or [E]; ERNIE's moe_statics bias is [1, E] (experts on dim 1)."""
+    return 1 if "moe_statics" in name else 0
 
 
 def load_all(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -40,19 +53,31 @@ def reference_scores(model_dir: Path) -> dict[int, dict[int, float]]:
     return scores
 
 
-def reference_pruned(scores: dict[int, dict[int, float]], ratio: float) -> dict[int, list[int]]:
+def reference_pruned(scores: dict[int, dict[int, float]], ratio: float,
+                     n_group: int = 1) -> dict[int, list[int]]:
+    """Uniform AIMER plan; with n_group > 1 each of the n_group contiguous expert groups
+    loses the same number of its highest-scored experts (group-limited routers)."""
     layers = sorted(scores)
     experts = len(scores[layers[0]])
     target = round(ratio * experts * len(layers))
     k = min(range(experts + 1), key=lambda c: (abs(c * len(layers) - target), c))
-    return {l: sorted(sorted(scores[l], key=lambda e: (-scores[l][e], e))[:k]) for l in layers}
+    assert k % n_group == 0, "the test's ratio must split evenly over the groups"
+    size = experts // n_group
+    out = {}
+    for l in layers:
+        pruned: list[int] = []
+        for g in range(n_group):
+            ids = [e for e in scores[l] if g * size <= e < (g + 1) * size]
+            pruned += sorted(ids, key=lambda e: (-scores[l][e], e))[:k // n_group]
+        out[l] = sorted(pruned)
+    return out
 
 
 def slice_checkpoint(src: Path, dst: Path, pruned: dict[int, list[int]]) -> Path:
     """A checkpoint holding only the kept experts, renumbered, with routers sliced."""
     dst.mkdir(parents=True, exist_ok=True)
     config = json.loads((src / "config.json").read_text())
-    keys = [k for k in ("num_experts", "num_local_experts") if k in config]
+    keys = [k for k in EXPERT_COUNT_KEYS if k in config]
     experts = config[keys[0]]
     out: dict[str, torch.Tensor] = {}
     for name, t in load_all(src).items():
@@ -65,9 +90,9 @@ def slice_checkpoint(src: Path, dst: Path, pruned: dict[int, list[int]]) -> Path
             name = name.replace(f".experts.{old}.", f".experts.{new}.")
         r = ROUTER_RE.search(name)
         if r:
-            layer = int(r[1])
-            keep = [e for e in range(t.shape[0]) if e not in pruned[layer]]
-            t = t[keep]
+            layer, dim = int(r[1]), router_expert_dim(name, t)
+            keep = [e for e in range(t.shape[dim]) if e not in pruned[layer]]
+            t = t.index_select(dim, torch.tensor(keep))
         out[name] = t.contiguous()
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
     counts = {len(ids) for ids in pruned.values()}
