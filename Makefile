@@ -15,3 +15,9 @@ test: setup
 
 clean:
 	rm -rf .demo .pytest_cache
+
+# Benchmarks on generated multi-GB checkpoints (about 25 min; BENCH_ARGS=--quick: < 5 min).
+.PHONY: bench
+BENCH_ARGS ?=
+bench: setup
+	$(PY) -m benchmarks.run $(BENCH_ARGS)

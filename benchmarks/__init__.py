@@ -1,0 +1,1 @@
+"""Benchmarks of vllm-aimer on generated MoE checkpoints (`make bench`, see run.py)."""

@@ -1,0 +1,496 @@
+"""Shared pieces of the benchmarks: generated checkpoints, machine description,
+page-cache control, `vllm serve` runs with memory sampling, and result files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from vllm_aimer.server import ServerProcess
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / "benchmarks" / "work"
+SERVE_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512"]
+BYTES_PER_WEIGHT = 4  # checkpoints are stored in float32, the dtype they are served in
+GIB = 1 << 30
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A random Qwen3-MoE checkpoint, every layer MoE, stored in float32."""
+    name: str
+    layers: int
+    hidden: int
+    moe_intermediate: int
+    experts: int
+    top_k: int
+    heads: int
+    kv_heads: int
+    head_dim: int = 64
+    vocab: int = 256
+    shard_bytes: int = GIB
+    seed: int = 0
+
+    def without_experts(self) -> "ModelSpec":
+        """The same model with the smallest experts vLLM's CPU MoE kernel accepts
+        (intermediate 32): the runtime's fixed overhead, measured, not guessed."""
+        return replace(self, name=f"{self.name}-tiny-experts", moe_intermediate=32)
+
+    def config(self) -> dict[str, Any]:
+        # Field names of the public Qwen3-30B-A3B config.json (`num_experts`).
+        return {
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "vocab_size": self.vocab, "hidden_size": self.hidden,
+            "intermediate_size": 4 * self.hidden, "moe_intermediate_size": self.moe_intermediate,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
+            "num_experts": self.experts, "num_experts_per_tok": self.top_k,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+            "output_router_logits": False, "router_aux_loss_coef": 0.001,
+            "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
+            "max_position_embeddings": 4096, "max_window_layers": self.layers,
+            "sliding_window": None, "use_sliding_window": False, "use_cache": True,
+            "initializer_range": 0.02, "tie_word_embeddings": False,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+            "torch_dtype": "float32",
+        }
+
+    def tensors(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every tensor, in the order real checkpoints store them."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        yield "model.embed_tokens.weight", (self.vocab, h)
+        for i in range(self.layers):
+            p = f"model.layers.{i}"
+            yield f"{p}.input_layernorm.weight", (h,)
+            yield f"{p}.post_attention_layernorm.weight", (h,)
+            yield f"{p}.self_attn.q_proj.weight", (q, h)
+            yield f"{p}.self_attn.k_proj.weight", (kv, h)
+            yield f"{p}.self_attn.v_proj.weight", (kv, h)
+            yield f"{p}.self_attn.o_proj.weight", (h, q)
+            yield f"{p}.self_attn.q_norm.weight", (self.head_dim,)
+            yield f"{p}.self_attn.k_norm.weight", (self.head_dim,)
+            yield f"{p}.mlp.gate.weight", (self.experts, h)
+            for j in range(self.experts):
+                e = f"{p}.mlp.experts.{j}"
+                yield f"{e}.gate_proj.weight", (self.moe_intermediate, h)
+                yield f"{e}.up_proj.weight", (self.moe_intermediate, h)
+                yield f"{e}.down_proj.weight", (h, self.moe_intermediate)
+        yield "model.norm.weight", (h,)
+        yield "lm_head.weight", (self.vocab, h)
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of all routed experts' weights."""
+        per_expert = 3 * self.hidden * self.moe_intermediate * BYTES_PER_WEIGHT
+        return per_expert * self.experts * self.layers
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(_numel(s) for _, s in self.tensors()) * BYTES_PER_WEIGHT
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# Full: 3.1 GiB of float32 weights, 96 % of it in 512 experts of 6 MiB (OLMoE-like
+# 64 experts, top-8); fits vLLM CPU in float32 with room to spare in 24 GiB.
+FULL = ModelSpec("moe-3g", layers=8, hidden=1024, moe_intermediate=512, experts=64, top_k=8,
+                 heads=16, kv_heads=4)
+# Quick: the same shape of model, 0.2 GiB, for a smoke run of every code path.
+QUICK = ModelSpec("moe-small", layers=4, hidden=512, moe_intermediate=256, experts=32, top_k=4,
+                  heads=8, kv_heads=2, shard_bytes=64 << 20)
+
+
+def build_checkpoint(spec: ModelSpec, directory: Path) -> Path:
+    """Write `spec` as a sharded safetensors checkpoint with a tokenizer; reuse an
+    existing one written from the same spec. Weights are N(0, 0.02), norms 1."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vllm_aimer.tiny import build_tokenizer
+
+    marker = directory / ".bench-spec.json"
+    wanted = json.dumps(asdict(spec), sort_keys=True)
+    if marker.is_file() and marker.read_text() == wanted:
+        return directory
+    if directory.exists():
+        subprocess.run(["rm", "-rf", str(directory)], check=True)
+    directory.mkdir(parents=True)
+
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in spec.tensors():
+        nbytes = _numel(shape) * BYTES_PER_WEIGHT
+        if shards[-1] and size + nbytes > spec.shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    g = torch.Generator().manual_seed(spec.seed)
+    weight_map: dict[str, str] = {}
+    for k, shard in enumerate(shards, 1):
+        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: (torch.ones(shape) if name.endswith("norm.weight")
+                          else torch.empty(shape).normal_(0.0, 0.02, generator=g))
+                   for name, shape in shard}
+        save_file(tensors, directory / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in tensors})
+        del tensors
+    index = {"metadata": {"total_size": spec.total_bytes}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    (directory / "config.json").write_text(json.dumps(spec.config(), indent=1))
+    build_tokenizer(directory, spec.vocab)
+    marker.write_text(wanted)
+    return directory
+
+
+def shard_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+# --------------------------------------------------------------------------- page cache
+
+def evict_page_cache(files: Sequence[Path]) -> None:
+    """Drop the files' clean pages from the page cache (no root needed), so the
+    next read comes from disk: a cold read."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm_page_cache(files: Sequence[Path]) -> None:
+    """Read the files once so that later reads are served from memory."""
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+
+
+# --------------------------------------------------------------------------- machine
+
+def machine_info() -> dict[str, Any]:
+    import safetensors
+    import torch
+    import transformers
+    import vllm
+
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return r.stdout.strip()
+
+    return {
+        "cpu_model": cpu,
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)),
+        "ram_gib": round(mem_kib / (1 << 20), 2),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclass
+class Figure:
+    """One row of summary.md: a ratio measured side by side, against its goal."""
+    figure: str
+    goal: str
+    ratio: float
+    met: bool
+    raw: str
+
+    def row(self) -> str:
+        return (f"| {self.figure} | {self.goal} | {self.ratio:.3f} | "
+                f"{'yes' if self.met else '**no**'} | {self.raw} |")
+
+
+@dataclass
+class Result:
+    benchmark: str
+    figures: list[Figure]
+    method: str
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def write_result(out: Path, result: Result, context: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{result.benchmark}.json"
+    data = {"benchmark": result.benchmark, **context,
+            "figures": [asdict(f) for f in result.figures],
+            "method": result.method, "raw": result.raw}
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.3f} GiB"
+
+
+# --------------------------------------------------------------------------- servers
+
+_STATUS_KEYS = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """Memory fields of /proc/<pid>/status, in bytes."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in _STATUS_KEYS:
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by a process and its living descendants:
+    unlike wall time, it hardly changes when other jobs share the cores."""
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return total
+    for p in family:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+@dataclass
+class ProcessMemory:
+    name: str
+    hwm: int = 0
+    """VmHWM: the kernel's peak resident set (anonymous + file-backed + shared)."""
+    peak_anon: int = 0
+    """Highest RssAnon seen by the sampler (anonymous memory: what was materialised)."""
+    anon: int = 0
+    """RssAnon at the last sample."""
+
+
+class MemorySampler(threading.Thread):
+    """Samples /proc/<pid>/status of a process and all its descendants every
+    `interval` seconds; VmHWM is the kernel's own peak, so nothing is missed there."""
+
+    def __init__(self, root: int, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.root, self.interval = root, interval
+        self.procs: dict[int, ProcessMemory] = {}
+        self._halt = threading.Event()
+
+    def sample(self) -> None:
+        try:
+            root = psutil.Process(self.root)
+            family = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in family:
+            try:
+                status = proc_status(p.pid)
+                mem = self.procs.get(p.pid)
+                if mem is None:
+                    mem = self.procs[p.pid] = ProcessMemory(p.name())
+                mem.name = p.name()  # vLLM renames its processes after the fork
+            except (OSError, psutil.Error):
+                continue
+            mem.hwm = max(mem.hwm, status.get("VmHWM", 0))
+            mem.anon = status.get("RssAnon", 0)
+            mem.peak_anon = max(mem.peak_anon, mem.anon)
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+        self.sample()
+
+    def loader(self) -> ProcessMemory:
+        """The worker process (it loads the weights); else the largest process."""
+        workers = [m for m in self.procs.values() if "worker" in m.name.lower()]
+        return max(workers or list(self.procs.values()), key=lambda m: m.hwm)
+
+
+LOAD_STARTED = "Starting to load model"
+LOAD_DONE = "for KV cache"
+"""The worker logs these right before building the model and right after loading it
+(and repacking weights), whatever the load format: their arrival times bound the load."""
+
+
+class LogWatcher(threading.Thread):
+    """Records when lines containing each of `patterns` first reach the server log."""
+
+    def __init__(self, path: Path, start: float, patterns: Sequence[str]) -> None:
+        super().__init__(daemon=True)
+        self.path, self.t0, self.patterns = path, start, list(patterns)
+        self.seen: dict[str, float] = {}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        pos, pending = 0, ""
+        while not self._halt.is_set():
+            now = time.perf_counter() - self.t0
+            try:
+                with open(self.path, errors="replace") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                    pos = f.tell()
+            except OSError:
+                chunk = ""
+            *lines, pending = (pending + chunk).split("\n")
+            for line in lines:
+                for p in self.patterns:
+                    if p in line and p not in self.seen:
+                        self.seen[p] = now
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+@dataclass
+class Served:
+    server: ServerProcess
+    ready_seconds: float
+    """From starting `vllm serve` to the first 200 from /health."""
+    state_dir: Path
+    sampler: MemorySampler | None
+    log_times: dict[str, float]
+    """Seconds from start to the first log line containing LOAD_STARTED / LOAD_DONE."""
+    cpu_seconds_to_ready: float
+    """CPU seconds the server's processes used until ready (see tree_cpu_seconds)."""
+
+    def cpu_seconds(self) -> float:
+        assert self.server.proc is not None
+        return tree_cpu_seconds(self.server.proc.pid)
+
+    @property
+    def load_seconds(self) -> float | None:
+        """The worker's model load, scoring and repacking included (+- 0.05 s)."""
+        t = self.log_times
+        return t[LOAD_DONE] - t[LOAD_STARTED] if LOAD_DONE in t and LOAD_STARTED in t else None
+
+    def report(self) -> dict[str, Any] | None:
+        """The aimer loader's report (None for a stock start)."""
+        path = self.state_dir / "report-rank0.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def rpc(self, method: str) -> list[Any]:
+        """Call a method of the worker extension (vllm_probe.py) on every worker."""
+        req = urllib.request.Request(self.server.base_url + "/collective_rpc",
+                                     data=json.dumps({"method": method}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())["results"]
+
+    def log_seconds(self, pattern: str) -> float | None:
+        """A number of seconds from the server log, e.g. 'Loading weights took'."""
+        m = re.search(re.escape(pattern) + r" ([\d.]+) s", self.server.log())
+        return float(m.group(1)) if m else None
+
+
+def aimer_args(ratio: float, plan_cache: Path | None = None) -> list[str]:
+    extra: dict[str, Any] = {"prune_ratio": ratio,
+                             "plan_cache": str(plan_cache) if plan_cache else False}
+    return ["--load-format", "aimer", "--model-loader-extra-config", json.dumps(extra)]
+
+
+PROBE_ARGS = ["--worker-extension-cls", "benchmarks.vllm_probe.WeightProbe"]
+PROBE_ENV = {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": str(REPO)}
+
+
+def wait_health(server: ServerProcess, timeout: float = 900) -> None:
+    """Poll /health every 0.1 s until it answers 200 (ServerProcess polls every 0.5 s)."""
+    assert server.proc is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {server.proc.returncode}:\n"
+                               f"{server.log()[-6000:]}")
+        try:
+            with urllib.request.urlopen(server.base_url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"vllm serve not ready after {timeout} s:\n{server.log()[-6000:]}")
+
+
+@contextmanager
+def serve(model: Path, workdir: Path, args: Sequence[str] = (), env: dict[str, str] | None = None,
+          sample_memory: bool = False) -> Iterator[Served]:
+    """`vllm serve model` with SERVE_ARGS + args, timed from start to /health 200."""
+    if workdir.exists():
+        subprocess.run(["rm", "-rf", str(workdir)], check=True)
+    state = workdir / "state"
+    state.mkdir(parents=True)
+    server = ServerProcess(model, [*SERVE_ARGS, *args], workdir,
+                           env={"AIMER_STATE_DIR": str(state), **(env or {})})
+    sampler: MemorySampler | None = None
+    start = time.perf_counter()
+    watcher = LogWatcher(server.log_path, start, [LOAD_STARTED, LOAD_DONE])
+    try:
+        server.start()
+        watcher.start()
+        assert server.proc is not None
+        if sample_memory:
+            sampler = MemorySampler(server.proc.pid)
+            sampler.start()
+        wait_health(server)
+        ready = time.perf_counter() - start
+        time.sleep(0.1)  # let the watcher read the last lines
+        cpu = tree_cpu_seconds(server.proc.pid)
+        yield Served(server, ready, state, sampler, watcher.seen, cpu)
+    finally:
+        if watcher.is_alive():
+            watcher.stop()
+        if sampler is not None and sampler.is_alive():
+            sampler.stop()
+        server.close()
