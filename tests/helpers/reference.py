@@ -121,7 +121,7 @@ def hf_logprobs(model_dir: Path, prompts: list[list[int]]) -> list[dict[int, flo
     return out
 
 
-def run_probe(spec: dict, env: dict | None = None, timeout: float = 600) -> dict:
+def run_probe(spec: dict, env: dict | None = None, timeout: float = 1200) -> dict:
     """Run helpers/engine_probe.py in a fresh process; return its JSON result."""
     probe = Path(__file__).with_name("engine_probe.py")
     proc = subprocess.run([sys.executable, str(probe), json.dumps(spec)], capture_output=True,
