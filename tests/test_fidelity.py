@@ -51,8 +51,11 @@ def expected_plan(model: Path) -> dict[int, list[int]]:
     return reference_pruned(reference_scores(model), RATIO, config.get("n_group") or 1)
 
 
+# deepseek_v3 is not run here: vLLM CPU's stock DeepSeek (MLA) engine, the reference,
+# crashed mid-generation (EngineDeadError) in a CI run. Its weight stream is tested in
+# test_families.py.
 @pytest.fixture(scope="module", params=["qwen3_moe", "olmoe", "mixtral", "qwen2_moe",
-                                        "deepseek_v3", "ernie4_5_moe", "glm4_moe"])
+                                        "ernie4_5_moe", "glm4_moe"])
 def pruned_run(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(family)
