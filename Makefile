@@ -16,7 +16,7 @@ test: setup
 clean:
 	rm -rf .demo .pytest_cache
 
-# Benchmarks on generated multi-GB checkpoints (about 25 min; BENCH_ARGS=--quick: < 5 min).
+# Benchmarks on generated multi-GB checkpoints (15-25 min; BENCH_ARGS=--quick: 4-6 min).
 .PHONY: bench
 BENCH_ARGS ?=
 bench: setup
