@@ -445,24 +445,6 @@ PROBE_ARGS = ["--worker-extension-cls", "benchmarks.vllm_probe.WeightProbe"]
 PROBE_ENV = {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": str(REPO)}
 
 
-def wait_health(server: ServerProcess, timeout: float = 900) -> None:
-    """Poll /health every 0.1 s until it answers 200 (ServerProcess polls every 0.5 s)."""
-    assert server.proc is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {server.proc.returncode}:\n"
-                               f"{server.log()[-6000:]}")
-        try:
-            with urllib.request.urlopen(server.base_url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"vllm serve not ready after {timeout} s:\n{server.log()[-6000:]}")
-
-
 @contextmanager
 def serve(model: Path, workdir: Path, args: Sequence[str] = (), env: dict[str, str] | None = None,
           sample_memory: bool = False) -> Iterator[Served]:
@@ -483,7 +465,7 @@ def serve(model: Path, workdir: Path, args: Sequence[str] = (), env: dict[str, s
         if sample_memory:
             sampler = MemorySampler(server.proc.pid)
             sampler.start()
-        wait_health(server)
+        server.wait_ready(timeout=900, poll_interval=0.1)
         ready = time.perf_counter() - start
         time.sleep(0.1)  # let the watcher read the last lines
         cpu = tree_cpu_seconds(server.proc.pid)

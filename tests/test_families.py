@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.helpers.reference import (
-    ROUTER_RE, load_all, reference_pruned, reference_scores, slice_checkpoint)
+    ROUTER_RE, dequant_mxfp4, load_all, reference_pruned, reference_scores, slice_checkpoint)
 from vllm_aimer.architectures import ARCHITECTURES
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.errors import AimerError
@@ -37,6 +37,17 @@ def package(model, ratio=RATIO):
     layout = expert_layout(ckpt)
     scores = score_checkpoint(ckpt, layout, progress=False).scores
     return ckpt, layout, scores, make_plan(layout, scores, ratio, ckpt.fingerprint)
+
+
+def assert_aimer_plan(model, layout, scores, plan, n_group: int = 1) -> dict[int, list[int]]:
+    """Scores equal the test's numpy AIMER and the plan its own selection; returns it."""
+    want = reference_scores(model)
+    assert sorted(want) == list(layout.layers)
+    for layer in layout.layers:
+        np.testing.assert_allclose(scores[layer], [want[layer][e] for e in range(16)], rtol=1e-6)
+    pruned = reference_pruned(want, RATIO, n_group)
+    assert {int(k): v for k, v in plan.pruned_experts().items()} == pruned
+    return pruned
 
 
 def stream(ckpt, layout, plan) -> dict[str, torch.Tensor]:
@@ -59,11 +70,7 @@ def test_qwen2_moe_shared_expert_is_untouched(tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("qwen2_moe")
     ckpt, layout, scores, plan = package(model)
     assert layout.arch.family == "qwen2_moe" and layout.layers == (0, 1, 2, 3)
-    want = reference_scores(model)
-    for layer in layout.layers:
-        np.testing.assert_allclose(scores[layer], [want[layer][e] for e in range(16)], rtol=1e-6)
-    pruned = reference_pruned(want, RATIO)
-    assert {int(k): v for k, v in plan.pruned_experts().items()} == pruned
+    pruned = assert_aimer_plan(model, layout, scores, plan)
     got = stream(ckpt, layout, plan)
     original = load_all(model)
     shared = [n for n in original if ".shared_expert" in n]
@@ -88,15 +95,11 @@ def test_grouped_plan_is_group_balanced_aimer(tiny_checkpoint, family):
     assert layout.arch.family == ENTRY[family]
     assert layout.layers == (1, 2, 3)  # layer 0 is dense
     assert (layout.n_group, layout.topk_group) == (4, 2)
-    want = reference_scores(model)
-    for layer in layout.layers:
-        np.testing.assert_allclose(scores[layer], [want[layer][e] for e in range(16)], rtol=1e-6)
-    grouped = reference_pruned(want, RATIO, n_group=4)
-    assert {int(k): v for k, v in plan.pruned_experts().items()} == grouped
+    grouped = assert_aimer_plan(model, layout, scores, plan, n_group=4)
     for ids in grouped.values():
         assert [sum(1 for e in ids if e // 4 == g) for g in range(4)] == [2, 2, 2, 2]
     # Sharp: the group-blind AIMER selection differs on this checkpoint.
-    assert reference_pruned(want, RATIO) != grouped
+    assert reference_pruned(reference_scores(model), RATIO) != grouped
 
 
 @pytest.mark.parametrize("family", GROUPED)
@@ -193,11 +196,7 @@ def test_ernie_plan_and_stream(tiny_checkpoint, tmp_path):
     assert (config["moe_num_experts"], config["moe_k"], config["moe_layer_start_index"]) == (16, 2, 1)
     ckpt, layout, scores, plan = package(model)
     assert layout.arch.family == "ernie4_5_moe" and layout.layers == (1, 2, 3)
-    want = reference_scores(model)
-    for layer in layout.layers:
-        np.testing.assert_allclose(scores[layer], [want[layer][e] for e in range(16)], rtol=1e-6)
-    pruned = reference_pruned(want, RATIO)
-    assert {int(k): v for k, v in plan.pruned_experts().items()} == pruned
+    pruned = assert_aimer_plan(model, layout, scores, plan)
     got = stream(ckpt, layout, plan)
     assert_stream_equals_reference(model, tmp_path, got, pruned)
     original = load_all(model)
@@ -214,6 +213,123 @@ def test_ernie_plan_and_stream(tiny_checkpoint, tmp_path):
         assert torch.equal(got[name], original[name]), name
 
 
+# --------------------------------------------------------------------------- llama4, gpt_oss
+
+# family, build kwargs, MoE layers, router tensors per layer, expert-indexed biases per layer
+FUSED_FAMILIES = [
+    ("llama4", {}, (1, 3), ("router.weight",), ()),
+    ("gpt_oss", {}, (0, 1, 2, 3), ("router.weight", "router.bias"),
+     ("experts.gate_up_proj_bias", "experts.down_proj_bias")),
+    ("gpt_oss", {"mxfp4": True}, (0, 1, 2, 3), ("router.weight", "router.bias"),
+     ("experts.gate_up_proj_bias", "experts.down_proj_bias", "experts.gate_up_proj_scales",
+      "experts.down_proj_scales")),
+]
+
+
+@pytest.mark.parametrize("family, kwargs, layers, routers, biases", FUSED_FAMILIES,
+                         ids=["llama4", "gpt_oss", "gpt_oss-mxfp4"])
+def test_fused_family_plan_and_stream(tiny_checkpoint, tmp_path, family, kwargs, layers,
+                                      routers, biases):
+    model = tiny_checkpoint(family, **kwargs)
+    ckpt, layout, scores, plan = package(model)
+    assert layout.arch.family == family and layout.layers == layers
+    pruned = assert_aimer_plan(model, layout, scores, plan)
+    weights = PrunedWeights(ckpt, layout, plan)
+    got = dict(weights)
+    assert_stream_equals_reference(model, tmp_path, got, pruned)
+    original = load_all(model)
+    block = "feed_forward" if family == "llama4" else "mlp"
+    for layer in layers:
+        kept = [e for e in range(16) if e not in pruned[layer]]
+        for tail in routers + biases:
+            name = f"model.layers.{layer}.{block}.{tail}"
+            assert torch.equal(got[name], original[name][kept]), name
+        fused = [n for n in got if n.startswith(f"model.layers.{layer}.{block}.experts.")]
+        assert len(fused) == 2 + len(biases) and all(got[n].shape[0] == 8 for n in fused)
+    # Everything that is not routed-expert-indexed reaches vLLM unchanged (llama4: the
+    # shared experts and the dense layers' MLPs).
+    untouched = [n for n in original if ".experts." not in n and not ROUTER_RE.search(n)]
+    for name in untouched:
+        assert torch.equal(got[name], original[name]), name
+    if family == "llama4":
+        assert sum(".shared_expert." in n for n in untouched) == 2 * 3
+        assert sum(re.search(r"layers\.[02]\.feed_forward\.", n) is not None
+                   for n in untouched) == 2 * 3
+    # Pruned rows of fused tensors are skipped, not read: bytes split 8/8.
+    assert weights.stats.expert_bytes_skipped == weights.stats.expert_bytes_loaded > 0
+
+
+def test_llama4_multimodal_layout_prunes_the_text_model(tiny_checkpoint, tmp_path):
+    """Llama 4 Scout/Maverick releases nest the text model: `language_model.` tensor
+    prefix and config.json's `text_config` (model_type llama4). The stream is the
+    text-only checkpoint's, under the prefix, and vision tensors pass through."""
+    from safetensors.torch import save_file
+
+    text = tiny_checkpoint("llama4")
+    mm = tmp_path / "mm"
+    mm.mkdir()
+    text_config = json.loads((text / "config.json").read_text())
+    config = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
+              "text_config": text_config, "vision_config": {"model_type": "llama4_vision_model"}}
+    (mm / "config.json").write_text(json.dumps(config))
+    tensors = {f"language_model.{n}": t for n, t in load_all(text).items()}
+    tensors["vision_model.model.layers.0.mlp.fc1.weight"] = torch.ones(4, 4)
+    tensors["multi_modal_projector.linear_1.weight"] = torch.ones(4, 4)
+    save_file(tensors, mm / "model.safetensors", metadata={"format": "pt"})
+    ckpt_t, layout_t, _, plan_t = package(text)
+    ckpt, layout, _, plan = package(mm)
+    assert layout.layers == (1, 3) and (layout.num_experts, layout.top_k) == (16, 1)
+    assert plan.pruned_experts() == plan_t.pruned_experts()
+    want = stream(ckpt_t, layout_t, plan_t)
+    got = stream(ckpt, layout, plan)
+    assert sorted(got) == sorted([f"language_model.{n}" for n in want] + [
+        "vision_model.model.layers.0.mlp.fc1.weight", "multi_modal_projector.linear_1.weight"])
+    for name, t in want.items():
+        assert torch.equal(got[f"language_model.{name}"], t), name
+
+
+def test_mxfp4_scores_are_dequantized_aimer(tiny_checkpoint):
+    model = tiny_checkpoint("gpt_oss", mxfp4=True)
+    config = json.loads((model / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "mxfp4"
+    want = reference_scores(model)  # dequantized in numpy
+    ckpt = open_checkpoint(model)
+    layout = expert_layout(ckpt)
+    for chunk in (1 << 20, 100):  # whole experts; a few packed rows per chunk
+        got = score_checkpoint(ckpt, layout, chunk_elements=chunk, progress=False).scores
+        for layer in want:
+            np.testing.assert_allclose(got[layer], [want[layer][e] for e in range(16)], rtol=1e-9)
+    # Sharp: the packed bytes read as plain numbers, or the codes without their group
+    # exponents, score differently.
+    tensors = load_all(model)
+    for layer in want:
+        codes = tensors[f"model.layers.{layer}.mlp.experts.down_proj_blocks"]
+        flat = dequant_mxfp4(codes, torch.full(codes.shape[:-1], 127, dtype=torch.uint8))
+        unscaled = [float(np.mean(np.abs(flat[e])) / np.sqrt(np.mean(flat[e] ** 2)))
+                    for e in range(16)]
+        assert max(abs(u - want[layer][e]) for e, u in enumerate(unscaled)) > 1e-3
+    # And it is the weights the bfloat16 release would be scored on, up to FP4 rounding.
+    dense = reference_scores(tiny_checkpoint("gpt_oss"))
+    assert all(abs(dense[l][e] - want[l][e]) < 0.05 for l in want for e in range(16))
+
+
+@pytest.mark.parametrize("drop, match", [
+    ("model.layers.2.mlp.experts.down_proj_scales", r"down_proj_blocks U8 .* does not come with"),
+    ("model.layers.1.mlp.experts.gate_up_proj_blocks", r"layer 1 expert 0 has no gate/up"),
+])
+def test_mxfp4_incomplete_checkpoint_is_refused(tiny_checkpoint, tmp_path, drop, match):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model = shutil.copytree(tiny_checkpoint("gpt_oss", mxfp4=True), tmp_path / "m")
+    tensors = load_all(model)
+    del tensors[drop]
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(AimerError, match=match):
+        expert_layout(open_checkpoint(model))
+
+
 # --------------------------------------------------------------------------- FP8 block-quantized
 
 FP8_WEIGHT_RE = re.compile(
@@ -221,33 +337,48 @@ FP8_WEIGHT_RE = re.compile(
     r"\.weight$")
 
 
+FP8_FUSED_RE = re.compile(r"layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<proj>gate_up_proj|down_proj)$")
+
+
 def numpy_fp8_scores(model, block) -> dict[int, list[float]]:
-    """Dequantize every expert weight in numpy (value x its block's scale), then AIMER."""
+    """Dequantize every expert weight in numpy (value x its block's scale), then AIMER;
+    per-expert or fused ([E, ...] weights with [E, row blocks, column blocks] scales)."""
     tensors = load_all(model)
     br, bc = block
+
+    def dequant(w: np.ndarray, s: np.ndarray) -> np.ndarray:
+        assert s.shape == (-(-w.shape[0] // br), -(-w.shape[1] // bc))
+        return (w * np.kron(s, np.ones((br, bc)))[:w.shape[0], :w.shape[1]]).ravel()
+
     parts: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     for name, t in tensors.items():
         m = FP8_WEIGHT_RE.search(name)
-        if not m:
+        f = FP8_FUSED_RE.search(name)
+        if not (m or f):
             continue
         assert t.dtype == torch.float8_e4m3fn, name
         w = t.to(torch.float64).numpy()
         s = tensors[name + "_scale_inv"].to(torch.float64).numpy()
-        assert s.shape == (-(-w.shape[0] // br), -(-w.shape[1] // bc))
-        full = np.kron(s, np.ones((br, bc)))[:w.shape[0], :w.shape[1]]
-        parts.setdefault((int(m["layer"]), int(m["expert"])), {})[m["proj"]] = (w * full).ravel()
+        if m:
+            parts.setdefault((int(m["layer"]), int(m["expert"])), {})[m["proj"]] = dequant(w, s)
+            continue
+        for e in range(w.shape[0]):
+            parts.setdefault((int(f["layer"]), e), {})[f["proj"]] = dequant(w[e], s[e])
     out: dict[int, list[float]] = {}
     for (layer, expert) in sorted(parts):
         p = parts[(layer, expert)]
-        w = np.concatenate([p["gate_proj"], p["up_proj"], p["down_proj"]])
+        w = np.concatenate([p[k] for k in ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
+                            if k in p])
         out.setdefault(layer, []).append(float(np.mean(np.abs(w)) / np.sqrt(np.mean(w * w))))
     return out
 
 
-@pytest.mark.parametrize("family, block", [("qwen3_moe", (128, 128)), ("qwen3_moe", (32, 48)),
-                                           ("deepseek_v3", (128, 128))])
-def test_fp8_scores_are_dequantized_aimer(tiny_checkpoint, family, block):
-    model = tiny_checkpoint(family, fp8_block=block)
+@pytest.mark.parametrize("family, block, fused", [
+    ("qwen3_moe", (128, 128), False), ("qwen3_moe", (32, 48), False),
+    ("deepseek_v3", (128, 128), False), ("qwen3_moe", (32, 48), True)],
+    ids=["qwen3_moe-128", "qwen3_moe-32x48", "deepseek_v3-128", "qwen3_moe-fused-32x48"])
+def test_fp8_scores_are_dequantized_aimer(tiny_checkpoint, family, block, fused):
+    model = tiny_checkpoint(family, fp8_block=block, **({"fused": True} if fused else {}))
     config = json.loads((model / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == list(block)
     want = numpy_fp8_scores(model, block)
@@ -292,6 +423,24 @@ def test_fp8_stream_skips_and_renumbers_scales(tiny_checkpoint):
             pruned_scales.add(name)
     assert len(pruned_scales) == 4 * 8 * 3 and not pruned_scales & weights.stats.tensors_read
     assert len(weights.stats.tensors_read) == len(ckpt.tensors) - 2 * len(pruned_scales)
+
+
+def test_fused_fp8_stream_slices_weights_and_scales(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("qwen3_moe", fp8_block=(32, 48), fused=True)
+    ckpt, layout, _, plan = package(model)
+    pruned = {int(k): v for k, v in plan.pruned_experts().items()}
+    weights = PrunedWeights(ckpt, layout, plan)
+    got = {n: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+           for n, t in weights}
+    want = load_all(slice_checkpoint(model, tmp_path / "sliced", pruned))
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        raw = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+        assert torch.equal(got[name], raw), name
+    scales = [n for n in got if n.endswith("_scale_inv")]
+    assert len(scales) == 4 * 2 and all(got[n].shape[0] == 8 for n in scales)
+    assert got["model.layers.0.mlp.experts.gate_up_proj_scale_inv"].shape == (8, 4, 2)
+    assert weights.stats.expert_bytes_skipped == weights.stats.expert_bytes_loaded > 0
 
 
 def test_fp8_weight_without_scales_is_refused(tiny_checkpoint, tmp_path):

@@ -119,6 +119,52 @@ def test_header_sizes_equal_config_sizes(family, tiny_checkpoint, tmp_path):
     assert from_headers.routed_expert_bytes > 0 and from_headers.router_bytes > 0
 
 
+# Every routed-expert-indexed tensor of the families sized from headers only, and the
+# KV cache each stores per token per layer (MLA: one kv_lora_rank + rope latent).
+HEADER_ONLY = {
+    "qwen2_moe": r"\.mlp\.experts\.\d+\.",
+    "deepseek_v3": r"\.mlp\.experts\.\d+\.",
+    "glm4_moe": r"\.mlp\.experts\.\d+\.",
+    "llama4": r"\.feed_forward\.experts\.",
+    "gpt_oss": r"\.mlp\.experts\.",
+}
+
+
+@pytest.mark.parametrize("family", sorted(HEADER_ONLY))
+def test_header_only_families_are_sized_from_headers(family, tiny_checkpoint):
+    import re
+
+    from tests.conftest import header_bytes
+    from tests.helpers.reference import ROUTER_RE
+
+    directory = tiny_checkpoint(family)
+    config = json.loads((directory / "config.json").read_text())
+    sizes = header_bytes(directory)
+    f, _ = load_model_facts(directory)
+    assert f.source == "safetensors headers"
+    assert f.total_bytes == sum(sizes.values())
+    experts = sum(b for n, b in sizes.items() if re.search(HEADER_ONLY[family], n))
+    routers = sum(b for n, b in sizes.items() if ROUTER_RE.search(n))
+    assert f.routed_expert_bytes == experts and f.router_bytes == routers > 0
+    assert f.num_experts == 16
+    # Half the experts pruned removes half the routed-expert and router bytes, nothing else.
+    k = prune_count(len(f.moe_layers), 16, f.top_k, 0.5)
+    assert k == 8 and f.weight_bytes(k) == f.total_bytes - (experts + routers) // 2
+    per_layer = (config["kv_lora_rank"] + config["qk_rope_head_dim"] if family == "deepseek_v3"
+                 else 2 * config["num_key_value_heads"] * config["head_dim"])
+    assert kv_cache_bytes_per_token(f) == config["num_hidden_layers"] * per_layer * 4  # float32
+    report = plan_fit(f, fit_options(gpus=1, gpu_memory_gib=1, overhead_gib=0), directory).to_json()
+    assert report["experts_per_layer"] == [16, config["num_experts_per_tok"]]
+    assert report["pruned_weight_bytes"] == f.weight_bytes(8) and report["min_ratio"] == 0.0
+    if config.get("n_group"):
+        # Group-limited (4 groups of 4, tokens in 2 groups, top_k 2): fit only proposes
+        # counts the loader accepts, multiples of 4 up to 12.
+        assert (f.n_group, f.topk_group) == (4, 2) and f.prune_counts() == [0, 4, 8, 12]
+        tight = fit_options(gpus=1, gpu_memory_gib=f.weight_bytes(5) / GIB, overhead_gib=0,
+                            gpu_memory_utilization=1.0, max_model_len=16, max_num_seqs=1)
+        assert fit_on(f, tight, 1, 16).pruned_per_layer == 8  # 5 without the groups
+
+
 def test_directory_without_weights_uses_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(load("qwen3-30b-a3b")))
     f, model_dir = load_model_facts(tmp_path)
@@ -207,11 +253,15 @@ def test_serving_and_fit_lookups_accept_ernie():
     assert architecture_for(config).family == "ernie4_5_moe"
     assert architecture_for(config, purpose="fit").family == "ernie4_5_moe"
     assert SUPPORTED_FAMILIES == ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "deepseek",
-                                  "glm4_moe", "ernie4_5_moe")
-    # fit sizes from config only the families whose shapes fit.py models.
+                                  "glm4_moe", "ernie4_5_moe", "llama4", "gpt_oss")
+    # fit sizes from config only the families whose shapes fit.py models; the others
+    # from a checkpoint's headers.
     assert FIT_FAMILIES == ("qwen3_moe", "olmoe", "mixtral", "ernie4_5_moe")
-    with pytest.raises(AimerError, match="supported: qwen3_moe, olmoe, mixtral, ernie4_5_moe"):
+    with pytest.raises(AimerError, match=r"not a Mixture-of-Experts family .* \(supported: qwen3_moe"):
         architecture_for({"model_type": "llama"}, purpose="fit")
+    with pytest.raises(AimerError, match="from config.json alone .* checkpoint directory"):
+        architecture_for({"model_type": "gpt_oss"}, purpose="fit")
+    assert architecture_for({"model_type": "gpt_oss"}, purpose="headers").family == "gpt_oss"
 
 
 def test_fit_only_entries_are_refused_for_serving(monkeypatch):
@@ -373,7 +423,7 @@ def test_cli_bad_input_exits_2_with_one_line(runs):
     *[(name, message) for name, (_, message) in BAD.items()],
     ("missing_model", "does not exist"),
     ("missing_key", "config.json has no hidden_size"),
-    ("llama", "supported: qwen3_moe, olmoe, mixtral, ernie4_5_moe"),
+    ("llama", "not a Mixture-of-Experts family"),
     ("quantized", "quantized checkpoint"),
     ("not_json", "not a readable JSON config"),
 ])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -67,6 +67,9 @@ class Architecture:
     """Config keys: only layers with (index + 1) % step == 0 are MoE."""
     dense_layer_list_keys: tuple[str, ...] = ()
     """Config keys listing layer indices that are dense (mlp_only_layers style)."""
+    latent_kv_keys: tuple[str, ...] = ()
+    """Config keys whose sum is the per-token, per-layer width of a latent KV cache
+    (MLA: kv_lora_rank + qk_rope_head_dim), which vLLM keeps whole on every rank."""
     qk_norm: str = "none"
     """Attention q/k norms: "head" (head_dim wide), "full" (hidden and
     kv_heads x hidden / heads wide, OLMoE) or "none"."""
@@ -123,6 +126,35 @@ class Architecture:
         raise KeyError(name)
 
 
+# The most common layout: `layers.N.mlp.experts.{id}.{gate,up,down}_proj.weight`, or
+# fused `layers.N.mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj` in newer saves.
+_MLP_EXPERTS: dict[str, Any] = dict(
+    moe_block=r"layers\.(?P<layer>\d+)\.mlp",
+    projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+    fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+)
+
+# DeepSeek-V2/V3 and GLM-4.5 share one layout: dense first layers, shared experts
+# (`mlp.shared_experts.*`) and the dense layers' `mlp.{gate,up,down}_proj` do not match
+# `mlp.experts.{id}`; V3 and GLM add a score-correction bias [experts] (V2 has none).
+# n_group is left unchanged: vLLM's group size is experts / n_group, and
+# plan.check_groups keeps the groups equal.
+_DEEPSEEK = Architecture(
+    family="deepseek",
+    model_types=("deepseek_v2", "deepseek_v3"),
+    expert_count_keys=("n_routed_experts",),
+    top_k_keys=("num_experts_per_tok",),
+    **_MLP_EXPERTS,
+    router_tensors={"gate.weight": 0, "gate.e_score_correction_bias": 0},
+    group_count_keys=("n_group",),
+    group_topk_keys=("topk_group",),
+    fit=False,  # MLA attention (DeepSeek) and partial rotary (GLM) are not modelled by fit.py
+    moe_intermediate_keys=("moe_intermediate_size",),
+    shared_expert_keys=("n_shared_experts",),
+    first_moe_layer_keys=("first_k_dense_replace",),
+    latent_kv_keys=("kv_lora_rank", "qk_rope_head_dim"),
+)
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         family="qwen3_moe",
@@ -130,9 +162,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         # Public checkpoints say num_experts; transformers 5 writes num_local_experts.
         expert_count_keys=("num_experts", "num_local_experts"),
         top_k_keys=("num_experts_per_tok",),
-        moe_block=r"layers\.(?P<layer>\d+)\.mlp",
-        projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
-        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+        **_MLP_EXPERTS,
         moe_intermediate_keys=("moe_intermediate_size",),
         moe_layer_step_keys=("decoder_sparse_step",),
         dense_layer_list_keys=("mlp_only_layers",),
@@ -143,9 +173,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         model_types=("olmoe",),
         expert_count_keys=("num_experts", "num_local_experts"),
         top_k_keys=("num_experts_per_tok",),
-        moe_block=r"layers\.(?P<layer>\d+)\.mlp",
-        projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
-        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+        **_MLP_EXPERTS,
         moe_intermediate_keys=("intermediate_size",),
         qk_norm="full",
     ),
@@ -165,54 +193,16 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         model_types=("qwen2_moe",),
         expert_count_keys=("num_experts",),
         top_k_keys=("num_experts_per_tok",),
-        moe_block=r"layers\.(?P<layer>\d+)\.mlp",
         # The shared expert (`mlp.shared_expert.*`, `mlp.shared_expert_gate.weight`) is
         # not matched by these names, so it is never scored nor sliced.
-        projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
-        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+        **_MLP_EXPERTS,
         moe_intermediate_keys=("moe_intermediate_size",),
         moe_layer_step_keys=("decoder_sparse_step",),
         dense_layer_list_keys=("mlp_only_layers",),
         fit=False,  # shared_expert_intermediate_size is not modelled by fit.py
     ),
-    Architecture(
-        family="deepseek",
-        model_types=("deepseek_v2", "deepseek_v3"),
-        expert_count_keys=("n_routed_experts",),
-        top_k_keys=("num_experts_per_tok",),
-        moe_block=r"layers\.(?P<layer>\d+)\.mlp",
-        # Shared experts (`mlp.shared_experts.*`) and the dense first_k_dense_replace
-        # layers (`mlp.{gate,up,down}_proj`) do not match `mlp.experts.{id}`.
-        projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
-        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
-        # V3's score-correction bias is [experts]; V2 has none.
-        router_tensors={"gate.weight": 0, "gate.e_score_correction_bias": 0},
-        # n_group is left unchanged: vLLM's group size is experts / n_group, and
-        # plan.check_groups keeps the groups equal.
-        group_count_keys=("n_group",),
-        group_topk_keys=("topk_group",),
-        fit=False,  # MLA attention is not modelled by fit.py
-        moe_intermediate_keys=("moe_intermediate_size",),
-        shared_expert_keys=("n_shared_experts",),
-        first_moe_layer_keys=("first_k_dense_replace",),
-    ),
-    Architecture(
-        family="glm4_moe",
-        model_types=("glm4_moe",),
-        expert_count_keys=("n_routed_experts",),
-        top_k_keys=("num_experts_per_tok",),
-        moe_block=r"layers\.(?P<layer>\d+)\.mlp",
-        # Shared experts (`mlp.shared_experts.*`) and dense first layers are not matched.
-        projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
-        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
-        router_tensors={"gate.weight": 0, "gate.e_score_correction_bias": 0},
-        group_count_keys=("n_group",),
-        group_topk_keys=("topk_group",),
-        fit=False,  # partial rotary / q-k norms not checked against fit.py
-        moe_intermediate_keys=("moe_intermediate_size",),
-        shared_expert_keys=("n_shared_experts",),
-        first_moe_layer_keys=("first_k_dense_replace",),
-    ),
+    _DEEPSEEK,
+    replace(_DEEPSEEK, family="glm4_moe", model_types=("glm4_moe",), latent_kv_keys=()),
     Architecture(
         family="ernie4_5_moe",
         model_types=("ernie4_5_moe",),
@@ -230,6 +220,43 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         attention_bias_keys=("use_bias",),
         tie_word_embeddings_default=True,
         router_dtype="float32",
+    ),
+    Architecture(
+        family="llama4",
+        # Llama 4 Scout/Maverick (multimodal: the text part sits under `language_model.`
+        # and in config.json's text_config) and text-only Llama4ForCausalLM.
+        model_types=("llama4", "llama4_text"),
+        expert_count_keys=("num_local_experts",),
+        top_k_keys=("num_experts_per_tok",),
+        moe_block=r"layers\.(?P<layer>\d+)\.feed_forward",
+        # Released BF16 checkpoints fuse experts as gate_up_proj [E, H, 2I] (gate half,
+        # then up half) and down_proj [E, I, H]; Meta's FP8 release is per expert. The
+        # shared expert (`feed_forward.shared_expert.*`) and the dense layers'
+        # `feed_forward.{gate,up,down}_proj` do not match `feed_forward.experts.`.
+        projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+        router_tensors={"router.weight": 0},
+        moe_intermediate_keys=("intermediate_size",),
+        dense_intermediate_keys=("intermediate_size_mlp",),
+        moe_layer_step_keys=("interleave_moe_layer_step",),
+        fit=False,  # chunked attention / no-RoPE layers and the shared expert not modelled
+    ),
+    Architecture(
+        family="gpt_oss",
+        model_types=("gpt_oss",),
+        expert_count_keys=("num_local_experts",),
+        top_k_keys=("num_experts_per_tok", "experts_per_token"),
+        moe_block=r"layers\.(?P<layer>\d+)\.mlp",
+        # Always fused: gate_up_proj [E, H, 2I] with gate and up interleaved column by
+        # column, down_proj [E, I, H], each with an [E, ...] bias (sliced, not scored).
+        # MXFP4 releases store `<name>_blocks` (packed FP4) + `<name>_scales` (E8M0).
+        projections={},
+        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",),
+                           "gate_up_proj_blocks": ("gate", "up"),
+                           "down_proj_blocks": ("down",)},
+        router_tensors={"router.weight": 0, "router.bias": 0},
+        moe_intermediate_keys=("intermediate_size",),
+        fit=False,  # attention sinks and sliding layers are not modelled by fit.py
     ),
 )
 
@@ -249,7 +276,9 @@ def architecture_for(config: Mapping[str, Any], purpose: str = "serve") -> Archi
     """The entry for an HF config dict; a clear error for dense or unknown models.
 
     purpose "serve" (the loader, score, plan) accepts only families pruned at load
-    time; "fit" (`vllm-aimer fit`, which only sizes a model) accepts every entry.
+    time; "headers" (`vllm-aimer fit` on a checkpoint, sized from its safetensors
+    headers) accepts every entry; "fit" (`vllm-aimer fit` on a config.json alone)
+    accepts the entries whose shapes fit.py models.
     """
     model_type = text_config(config).get("model_type") or config.get("model_type")
     for arch in ARCHITECTURES:
@@ -263,9 +292,15 @@ def architecture_for(config: Mapping[str, Any], purpose: str = "serve") -> Archi
                     "size it), or use a checkpoint of a supported family.")
             return arch
     if purpose == "fit":
+        if any(model_type in arch.model_types for arch in ARCHITECTURES):
+            raise AimerError(
+                f"`vllm-aimer fit` cannot size model_type {model_type!r} from config.json "
+                f"alone yet (from a config it sizes: {', '.join(FIT_FAMILIES)}).",
+                "point fit at the checkpoint directory: sizes then come from its "
+                "safetensors headers, for every supported family.")
         raise AimerError(
             f"model_type {model_type!r} is not a Mixture-of-Experts family `vllm-aimer fit` "
-            f"knows (supported: {', '.join(FIT_FAMILIES)}).",
+            f"knows (supported: {', '.join(SUPPORTED_FAMILIES)}).",
             "pass a config.json or checkpoint of a supported family.")
     raise AimerError(
         f"model_type {model_type!r} is not a supported Mixture-of-Experts family "

@@ -27,7 +27,8 @@ from typing import Any
 
 from vllm_aimer.architectures import Architecture, architecture_for, config_value, text_config
 from vllm_aimer.errors import AimerError
-from vllm_aimer.plan import check_ratio, max_ratio, prune_count
+from vllm_aimer.layout import expert_groups, expert_layout
+from vllm_aimer.plan import check_ratio, group_ratios, prune_count
 
 GIB = 1024**3
 
@@ -185,6 +186,23 @@ class ModelFacts:
     """All routed experts of all MoE layers (what uniform pruning removes k/E of)."""
     router_bytes: int
     """Router tensors indexed by expert (rows go with their pruned expert)."""
+    kv_vectors: int = 2
+    """Cached vectors per KV head, token and layer: K and V (2), or MLA's one latent."""
+    n_group: int = 1
+    """Expert groups of a group-limited router (1: none); k must split over them."""
+    topk_group: int = 1
+
+    def prune_counts(self) -> list[int]:
+        """Per-layer prune counts the loader accepts, ascending (group-limited routers
+        take multiples of n_group that leave topk_group groups holding top_k experts)."""
+        return [round(r * self.num_experts)
+                for r in group_ratios(self.num_experts, self.top_k, self.n_group,
+                                      self.topk_group)]
+
+    def prune_count(self, ratio: float) -> int:
+        """The loader's k for `ratio`; fails as the loader would."""
+        return prune_count(len(self.moe_layers), self.num_experts, self.top_k, ratio,
+                           self.n_group, self.topk_group)
 
     @property
     def prunable_bytes(self) -> int:
@@ -197,8 +215,8 @@ class ModelFacts:
 
     @property
     def max_pruned_per_layer(self) -> int:
-        """Every layer keeps at least top_k experts."""
-        return self.num_experts - self.top_k
+        """Every layer keeps at least top_k experts (and its groups stay equal)."""
+        return self.prune_counts()[-1]
 
     def weight_bytes(self, pruned_per_layer: int) -> int:
         """Weights after pruning k experts in every MoE layer (experts are equal in size)."""
@@ -316,7 +334,7 @@ def config_param_counts(config: Mapping[str, Any], arch: Architecture) -> dict[s
     }
 
 
-def _attention_shape(config: Mapping[str, Any]) -> dict[str, Any]:
+def _attention_shape(config: Mapping[str, Any], arch: Architecture) -> dict[str, Any]:
     cfg = text_config(config)
     heads = config_value(config, ("num_attention_heads",), "num_attention_heads")
     hidden = _optional_int(cfg, ("hidden_size",))
@@ -326,11 +344,18 @@ def _attention_shape(config: Mapping[str, Any]) -> dict[str, Any]:
             raise AimerError("config.json has neither head_dim nor hidden_size.",
                              "check that the checkpoint's config.json is complete.")
         head_dim = hidden // heads
+    kv_heads = _optional_int(cfg, ("num_key_value_heads",)) or heads
+    kv_vectors = 2
+    latent = [cfg.get(k) for k in arch.latent_kv_keys]
+    if latent and all(isinstance(v, int) for v in latent):
+        # MLA caches one latent vector per token and layer, the same on every rank.
+        kv_heads, head_dim, kv_vectors = 1, sum(latent), 1
     return {
         "num_layers": config_value(config, ("num_hidden_layers",), "layer count"),
         "num_attention_heads": heads,
-        "num_kv_heads": _optional_int(cfg, ("num_key_value_heads",)) or heads,
+        "num_kv_heads": kv_heads,
         "head_dim": head_dim,
+        "kv_vectors": kv_vectors,
         "max_position_embeddings": _optional_int(cfg, ("max_position_embeddings",)),
     }
 
@@ -351,10 +376,12 @@ def facts_from_config(config: Mapping[str, Any]) -> ModelFacts:
                                        else dtype_bytes)
     routed = counts["routed_experts"] * dtype_bytes
     other = sum(v for k, v in counts.items() if k not in ("router", "routed_experts"))
+    num_experts = config_value(config, arch.expert_count_keys, "routed expert count")
+    n_group, topk_group = expert_groups(config, arch, num_experts)
     return ModelFacts(
         family=arch.family, serving=arch.serving, source="config.json", dtype=dtype,
-        dtype_bytes=dtype_bytes, **_attention_shape(config),
-        num_experts=config_value(config, arch.expert_count_keys, "routed expert count"),
+        dtype_bytes=dtype_bytes, **_attention_shape(config, arch),
+        n_group=n_group, topk_group=topk_group, num_experts=num_experts,
         top_k=config_value(config, arch.top_k_keys, "top_k (experts per token)"),
         moe_layers=moe_layer_indices(config, arch),
         moe_intermediate_size=config_value(config, arch.moe_intermediate_keys,
@@ -370,10 +397,9 @@ def facts_from_checkpoint(directory: str | Path) -> ModelFacts:
     """Exact sizes from the safetensors headers (open_checkpoint reads no tensor data
     beyond a 128 KiB identity sample per shard)."""
     from vllm_aimer.checkpoint import open_checkpoint
-    from vllm_aimer.layout import expert_layout
 
     ckpt = open_checkpoint(directory)
-    arch = architecture_for(ckpt.config, purpose="fit")
+    arch = architecture_for(ckpt.config, purpose="headers")
     if arch.serving:
         layout = expert_layout(ckpt)  # also validates the expert tensors
         num_experts, top_k, layers = layout.num_experts, layout.top_k, layout.layers
@@ -395,6 +421,7 @@ def facts_from_checkpoint(directory: str | Path) -> ModelFacts:
         layers = tuple(sorted(per_layer))
         routed = sum(per_layer.values())
     router = sum(t.nbytes for t in ckpt.tensors.values() if arch.match_router(t.name) is not None)
+    n_group, topk_group = expert_groups(ckpt.config, arch, num_experts)
     try:
         dtype, dtype_bytes = model_dtype(ckpt.config)
     except AimerError:
@@ -409,7 +436,8 @@ def facts_from_checkpoint(directory: str | Path) -> ModelFacts:
         dtype_bytes = DTYPE_BYTES[dtype]
     return ModelFacts(
         family=arch.family, serving=arch.serving, source="safetensors headers", dtype=dtype,
-        dtype_bytes=dtype_bytes, **_attention_shape(ckpt.config), num_experts=num_experts,
+        dtype_bytes=dtype_bytes, **_attention_shape(ckpt.config, arch), num_experts=num_experts,
+        n_group=n_group, topk_group=topk_group,
         top_k=top_k, moe_layers=tuple(layers),
         moe_intermediate_size=_optional_int(text_config(ckpt.config), arch.moe_intermediate_keys),
         total_bytes=ckpt.total_bytes, routed_expert_bytes=routed, router_bytes=router)
@@ -450,9 +478,10 @@ def load_model_facts(model: str | Path) -> tuple[ModelFacts, Path]:
 # --------------------------------------------------------------------------- fitting
 
 def kv_cache_bytes_per_token(facts: ModelFacts, kv_cache_dtype: str = "auto") -> int:
-    """K and V for every layer: 2 x layers x kv_heads x head_dim x element size."""
+    """K and V for every layer: 2 x layers x kv_heads x head_dim x element size (MLA:
+    one latent of kv_lora_rank + qk_rope_head_dim per layer)."""
     size = KV_CACHE_DTYPE_BYTES[kv_cache_dtype] or facts.dtype_bytes
-    return 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * size
+    return facts.kv_vectors * facts.num_layers * facts.num_kv_heads * facts.head_dim * size
 
 
 def kv_heads_per_gpu(num_kv_heads: int, gpus: int) -> int:
@@ -508,7 +537,7 @@ class Fit:
 def ratio_text(facts: ModelFacts, k: int) -> str:
     """k/E as decimal text that the loader's `prune_count` turns back into exactly k."""
     text = f"{k / facts.num_experts:.10g}"
-    if prune_count(len(facts.moe_layers), facts.num_experts, facts.top_k, float(text)) == k:
+    if facts.prune_count(float(text)) == k:
         return text
     return repr(k / facts.num_experts)
 
@@ -536,7 +565,7 @@ def fit_on(facts: ModelFacts, opts: FitOptions, gpus: int, max_model_len: int) -
                    weight_bytes=math.ceil(facts.weight_bytes(0) / gpus),
                    reason=f"vLLM cannot use tensor parallel size {gpus}: {problem}",
                    why=problem, **common)
-    for k in range(facts.max_pruned_per_layer + 1):
+    for k in facts.prune_counts():
         weights = math.ceil(facts.weight_bytes(k) / gpus)
         if weights + kv + overhead <= budget:
             return Fit(pruned_per_layer=k, ratio=ratio_text(facts, k), weight_bytes=weights,
@@ -545,9 +574,9 @@ def fit_on(facts: ModelFacts, opts: FitOptions, gpus: int, max_model_len: int) -
     weights = math.ceil(facts.weight_bytes(k_max) / gpus)
     kept = weights - non_expert
     total = weights + kv + overhead
-    max_r = max_ratio(facts.num_experts, facts.top_k)
+    max_r = k_max / facts.num_experts
     head = (f"does not fit on {gpus} GPU{'s' if gpus > 1 else ''} even at the max ratio "
-            f"{max_r:.4g} ({facts.top_k} of {facts.num_experts} experts kept per layer): per GPU "
+            f"{max_r:.4g} ({facts.num_experts - k_max} of {facts.num_experts} experts kept per layer): per GPU "
             f"non-expert weights {gib(non_expert)} + kept experts {gib(kept)} + KV cache "
             f"{gib(kv)} + overhead {gib(overhead)} = {gib(total)} > {gib(budget)} "
             f"({opts.gpu_memory_gib:g} GiB x {opts.gpu_memory_utilization:g})")
@@ -626,7 +655,7 @@ class FitReport:
             "dtype": f.dtype,
             "experts_per_layer": [f.num_experts, f.top_k],
             "moe_layers": len(f.moe_layers),
-            "max_ratio": max_ratio(f.num_experts, f.top_k),
+            "max_ratio": f.max_pruned_per_layer / f.num_experts,
             "dense_weight_bytes": f.total_bytes,
             "non_expert_weight_bytes": f.non_expert_bytes,
             "routed_expert_bytes": f.routed_expert_bytes,
@@ -675,7 +704,7 @@ def plan_fit(facts: ModelFacts, opts: FitOptions, model_dir: Path) -> FitReport:
     if max_model_len is None:
         raise AimerError("config.json has no max_position_embeddings to default "
                          "--max-model-len to.", "pass --max-model-len, e.g. 32768.")
-    k_ratio = prune_count(len(facts.moe_layers), facts.num_experts, facts.top_k, opts.ratio)
+    k_ratio = facts.prune_count(opts.ratio)
     counts = sorted(set(TABLE_GPU_COUNTS) | ({opts.gpus} if opts.gpus else set()))
     table = tuple(fit_on(facts, opts, n, max_model_len) for n in counts)
     requested = next((row for row in table if row.gpus == opts.gpus), None)
@@ -707,7 +736,8 @@ def render_fit(report: FitReport) -> str:
     lines = [
         f"model     {report.model_dir} ({f.family}, sizes from {f.source})",
         f"experts   {f.num_experts} per layer x {len(f.moe_layers)} MoE layers, top_k {f.top_k}; "
-        f"max ratio {max_ratio(f.num_experts, f.top_k):.4g} (keeps {f.top_k})",
+        f"max ratio {f.max_pruned_per_layer / f.num_experts:.4g} "
+        f"(keeps {f.num_experts - f.max_pruned_per_layer})",
         f"weights   dense {gib(f.total_bytes)} (non-expert {gib(f.non_expert_bytes)}, routed "
         f"experts + router {gib(f.prunable_bytes)}), {f.dtype}",
         f"          at ratio {opts.ratio:g} ({k} of {f.num_experts} pruned per layer): "

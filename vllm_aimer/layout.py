@@ -20,6 +20,11 @@ from vllm_aimer.errors import AimerError
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 SCALE_SUFFIX = "_scale_inv"
 DEFAULT_FP8_BLOCK = (128, 128)
+# MXFP4 (OCP microscaling, gpt-oss): `<name>_blocks` uint8 [..., groups, 16] packs two
+# FP4 (E2M1) values per byte, low nibble first; `<name>_scales` uint8 [..., groups]
+# holds one E8M0 exponent (bias 127) per group of 32 values.
+MXFP4_BLOCKS_SUFFIX = "_blocks"
+MXFP4_SCALES_SUFFIX = "_scales"
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class ScoredTensor:
     """Block scales of an FP8 weight (dequantized value = weight x its block's scale)."""
     block: tuple[int, int] = DEFAULT_FP8_BLOCK
     """(rows, columns) of one scale block."""
+    mxfp4_scales: TensorInfo | None = None
+    """E8M0 group exponents of an MXFP4 `*_blocks` tensor (fused, dim 0 = expert)."""
 
 
 @dataclass(frozen=True)
@@ -94,13 +101,8 @@ def expert_layout(ckpt: Checkpoint) -> ExpertLayout:
             share = info.nbytes // num_experts
             expert_bytes[layer] = [b + share for b in expert_bytes[layer]]
             roles = arch.fused_projections.get(proj)
-            if roles and info.dtype in FP8_DTYPES:
-                raise AimerError(
-                    f"fused expert tensor {info.name} is {info.dtype}: AIMER scores "
-                    "dequantized weights, and FP8 is supported in the per-expert layout only.",
-                    "use the checkpoint's per-expert (or unquantized) release.")
             if roles and not info.name.endswith(("_bias", ".bias")):
-                scored[layer].append(ScoredTensor(info, None))
+                scored[layer].append(_scored_fused(ckpt, info))
                 fused_roles[layer].update(roles)
 
     layers = tuple(sorted(expert_bytes))
@@ -131,24 +133,45 @@ def _fp8_block(config) -> tuple[int, int]:
 
 
 def _scored(ckpt: Checkpoint, info: TensorInfo, expert: int | None) -> ScoredTensor:
-    """A per-expert weight to score, with its block scales when it is FP8."""
+    """A weight to score (per expert, or fused with dim 0 = expert when `expert` is
+    None), with its block scales when it is FP8: `<name>_scale_inv` in the per-expert
+    layout, `experts.<name>_scale_inv` [E, row blocks, column blocks] when fused."""
     if info.dtype not in FP8_DTYPES:
         return ScoredTensor(info, expert)
     scale = ckpt.tensors.get(info.name + SCALE_SUFFIX)
     block = _fp8_block(ckpt.config)
-    if scale is None or len(info.shape) != 2:
+    lead = () if expert is not None else info.shape[:1]
+    if scale is None or len(info.shape) != 2 + len(lead):
         raise AimerError(
             f"FP8 expert weight {info.name} {list(info.shape)} has no block scales "
             f"({info.name}{SCALE_SUFFIX}); AIMER scores dequantized weights.",
             "use a block-quantized FP8 checkpoint (DeepSeek-V3 / Qwen3-FP8 style) or the "
             "unquantized one.")
-    want = tuple(-(-d // b) for d, b in zip(info.shape, block))
+    want = (*lead, *(-(-d // b) for d, b in zip(info.shape[len(lead):], block)))
     if tuple(scale.shape) != want:
         raise AimerError(
             f"block scales {scale.name} have shape {list(scale.shape)}, expected {list(want)} "
             f"for weight {list(info.shape)} in {block[0]}x{block[1]} blocks.",
             "check quantization_config.weight_block_size in config.json.")
     return ScoredTensor(info, expert, scale, block)
+
+
+def _scored_fused(ckpt: Checkpoint, info: TensorInfo) -> ScoredTensor:
+    """A fused all-experts weight to score, with its MXFP4 group scales when packed
+    (or its FP8 block scales)."""
+    if not info.name.endswith(MXFP4_BLOCKS_SUFFIX):
+        return _scored(ckpt, info, None)
+    base = info.name[: -len(MXFP4_BLOCKS_SUFFIX)]
+    scales = ckpt.tensors.get(base + MXFP4_SCALES_SUFFIX)
+    if (info.dtype != "U8" or scales is None or scales.dtype != "U8" or len(info.shape) != 4
+            or info.shape[-1] != 16 or tuple(scales.shape) != tuple(info.shape[:-1])):
+        raise AimerError(
+            f"MXFP4 expert tensor {info.name} {info.dtype} {list(info.shape)} does not come "
+            f"with {base}{MXFP4_SCALES_SUFFIX} of shape {list(info.shape[:-1])} in uint8 "
+            "(two FP4 values per byte, one E8M0 exponent per 32 values); AIMER scores "
+            "dequantized weights.",
+            "use the checkpoint as released (gpt-oss MXFP4 layout) or its BF16 release.")
+    return ScoredTensor(info, None, mxfp4_scales=scales)
 
 
 def expert_groups(config, arch: Architecture, num_experts: int) -> tuple[int, int]:

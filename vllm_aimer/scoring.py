@@ -63,14 +63,42 @@ class _Sums:
         self.sq_sum += _sum64(x * x)
         self.numel += x.numel()
 
+    def add_totals(self, abs_sum: float, sq_sum: float, numel: int) -> None:
+        self.abs_sum += abs_sum
+        self.sq_sum += sq_sum
+        self.numel += numel
+
     def score(self) -> float:
         return aimer_score(self.abs_sum, self.sq_sum, self.numel)
 
 
+# FP4 (E2M1) code points; a byte holds two, low nibble first.
+_FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                     -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=torch.float64)
+_BYTES = torch.arange(256)
+# Per byte: the sum of |v| and of v^2 over its two FP4 values (exact in float64).
+_FP4_ABS = _FP4[_BYTES & 0xF].abs() + _FP4[_BYTES >> 4].abs()
+_FP4_SQ = _FP4[_BYTES & 0xF] ** 2 + _FP4[_BYTES >> 4] ** 2
+
+
+def _add_mxfp4(acc: _Sums, blocks: torch.Tensor, scales: torch.Tensor) -> None:
+    """Add MXFP4 values [rows, groups, 16] with E8M0 exponents [rows, groups].
+
+    The dequantized value is v * 2^(e - 127), so per group of 32 the sums of |w| and
+    w^2 are 2^(e-127) * sum|v| and 4^(e-127) * sum v^2: the exact sums of the
+    dequantized weights, without materialising them."""
+    idx = blocks.to(torch.long)
+    exp = scales.to(torch.float64) - 127.0
+    abs_sum = float((_FP4_ABS[idx].sum(-1) * torch.exp2(exp)).sum())
+    sq_sum = float((_FP4_SQ[idx].sum(-1) * torch.exp2(2.0 * exp)).sum())
+    acc.add_totals(abs_sum, sq_sum, blocks.numel() * 2)
+
+
 def _add_fp8(acc: _Sums, sl, scale_sl, shape: tuple[int, ...], block: tuple[int, int],
-             chunk_elements: int) -> None:
-    """Add a block-quantized FP8 weight, dequantized (weight x its block's scale) in
-    chunks of whole block rows."""
+             chunk_elements: int, lead: tuple[int, ...] = ()) -> None:
+    """Add a block-quantized FP8 weight [rows, cols] (at index `lead` of a fused tensor
+    and of its scales), dequantized (weight x its block's scale) in chunks of whole
+    block rows."""
     rows, cols = shape
     br, bc = block
     step = br * max(1, chunk_elements // max(1, br * cols))
@@ -78,8 +106,8 @@ def _add_fp8(acc: _Sums, sl, scale_sl, shape: tuple[int, ...], block: tuple[int,
         stop = min(rows, start + step)
         # The product of an FP8 value and a float32 scale is exact in float64; `add`
         # then sums it like any other chunk.
-        w = sl[start:stop].to(torch.float64)
-        s = scale_sl[start // br:-(-stop // br)].to(torch.float64)
+        w = sl[(*lead, slice(start, stop))].to(torch.float64)
+        s = scale_sl[(*lead, slice(start // br, -(-stop // br)))].to(torch.float64)
         s = s.repeat_interleave(br, dim=0)[:stop - start].repeat_interleave(bc, dim=1)[:, :cols]
         acc.add(w * s)
 
@@ -135,9 +163,25 @@ def score_checkpoint(
                     sl = f.get_slice(st.info.name)
                     shape = st.info.shape
                     if st.scale is not None:
-                        _add_fp8(sums[layer][st.expert], sl, f.get_slice(st.scale.name), shape,
-                                 st.block, chunk_elements)
+                        scale_sl = f.get_slice(st.scale.name)
+                        if st.expert is not None:
+                            _add_fp8(sums[layer][st.expert], sl, scale_sl, shape, st.block,
+                                     chunk_elements)
+                        else:
+                            for expert in range(shape[0]):
+                                _add_fp8(sums[layer][expert], sl, scale_sl, shape[1:],
+                                         st.block, chunk_elements, (expert,))
                         bytes_read += st.scale.nbytes
+                    elif st.mxfp4_scales is not None:
+                        scale_sl = f.get_slice(st.mxfp4_scales.name)
+                        rows, row_numel = shape[1], shape[2] * shape[3]
+                        step = max(1, chunk_elements // row_numel)
+                        for expert in range(shape[0]):
+                            for a in range(0, rows, step):
+                                b = min(rows, a + step)
+                                _add_mxfp4(sums[layer][expert], sl[expert, a:b],
+                                           scale_sl[expert, a:b])
+                        bytes_read += st.mxfp4_scales.nbytes
                     elif st.expert is not None:
                         row_numel = st.info.numel // max(1, shape[0])
                         acc = sums[layer][st.expert]

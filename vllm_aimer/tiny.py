@@ -9,13 +9,14 @@ expected pruning is unambiguous. The order of alphas is shuffled per layer.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 FAMILIES = ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3",
-            "ernie4_5_moe", "glm4_moe")
+            "ernie4_5_moe", "glm4_moe", "llama4", "gpt_oss")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
@@ -82,11 +83,35 @@ def _config(family: str, num_layers: int, num_experts: int, top_k: int, vocab: i
                                           n_group=4, topk_group=2, norm_topk_prob=True,
                                           use_qk_norm=True, attention_bias=True,
                                           partial_rotary_factor=0.5, **common)
+    if family == "llama4":
+        # Text-only Llama 4: MoE every second layer (interleave_moe_layer_step 2) with a
+        # shared expert, dense layers intermediate_size_mlp wide, chunked attention;
+        # experts fused as gate_up_proj [E, H, 2I] and down_proj [E, I, H]. Top-1
+        # routing as released (vLLM applies the router weight on the input, top-1 only).
+        return transformers.Llama4TextConfig(num_local_experts=num_experts,
+                                             interleave_moe_layer_step=2,
+                                             intermediate_size_mlp=128,
+                                             attention_chunk_size=128,
+                                             **common | {"num_experts_per_tok": 1})
+    if family == "gpt_oss":
+        # Fused experts with interleaved gate/up columns and biases, a router with a
+        # bias, attention sinks, sliding and full attention layers.
+        # YaRN as released (factor 32 over the original context), scaled to 512 positions.
+        rope = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": False, "original_max_position_embeddings": 16,
+                "rope_theta": 150000.0}
+        return transformers.GptOssConfig(num_local_experts=num_experts, sliding_window=128,
+                                         rope_parameters=rope, **common)
     if family == "olmoe":
         return transformers.OlmoeConfig(num_experts=num_experts, **common)
     if family == "mixtral":
         return transformers.MixtralConfig(num_local_experts=num_experts, **common)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+# Tensors indexed by routed expert that transformers initialises to zero.
+EXPERT_BIASES = ("e_score_correction_bias", "experts.gate_up_proj_bias", "experts.down_proj_bias",
+                 "router.bias")
 
 
 def build_tokenizer(directory: Path, vocab: int = 256) -> None:
@@ -117,11 +142,16 @@ def expert_alphas(num_layers: int, num_experts: int, seed: int) -> list[list[flo
 def build_tiny_moe(directory: str | Path, family: str = "qwen3_moe", *, num_layers: int = 4,
                    num_experts: int = 16, top_k: int = 2, seed: int = 0,
                    dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
-                   fused: bool = False, fp8_block: tuple[int, int] | None = None) -> Path:
+                   fused: bool = False, fp8_block: tuple[int, int] | None = None,
+                   mxfp4: bool = False) -> Path:
     """Write a tiny random MoE checkpoint with a tokenizer to `directory`.
 
+    fused: per-expert families rewritten with fused `experts.gate_up_proj` [E, 2I, H]
+    and `experts.down_proj` [E, H, I] (llama4 and gpt_oss are always fused).
     fp8_block: store routed experts' weights block-quantized in float8_e4m3fn with
     `*.weight_scale_inv` per (rows, columns) block, as DeepSeek-V3 / Qwen3-FP8 do.
+    mxfp4 (gpt_oss): store expert weights as MXFP4 `*_blocks` / `*_scales`, as the
+    gpt-oss releases do.
     """
     import transformers
 
@@ -145,8 +175,8 @@ def build_tiny_moe(directory: str | Path, family: str = "qwen3_moe", *, num_laye
             w = u.sign() * u.abs().pow(alphas[layer][expert])
             tensor[expert].copy_(0.05 * w / w.std())
     for name, tensor in state.items():
-        # Score-correction biases start at zero: make them distinct so slicing shows.
-        if name.endswith("e_score_correction_bias"):
+        # Expert-indexed biases start at zero: make them distinct so slicing shows.
+        if name.endswith(EXPERT_BIASES):
             tensor.copy_(0.01 * torch.randn(tensor.shape, generator=g))
     model.load_state_dict(state)
     model = model.to(dtype)
@@ -157,77 +187,139 @@ def build_tiny_moe(directory: str | Path, family: str = "qwen3_moe", *, num_laye
         fuse_experts(directory, family)
     if fp8_block:
         quantize_experts_fp8(directory, fp8_block)
+    if mxfp4:
+        quantize_experts_mxfp4(directory)
     return directory
 
 
-def quantize_experts_fp8(directory: Path, block: tuple[int, int] = (128, 128)) -> None:
-    """Rewrite per-expert `experts.{id}.*.weight` tensors as float8_e4m3fn plus a float32
-    `*.weight_scale_inv` [ceil(out/br), ceil(in/bc)] (block amax / 448), and record
-    `quantization_config` in config.json, in the layout of block-FP8 checkpoints."""
-    import re
-
+def _rewrite_tensors(directory: Path, transform: Callable[[dict[str, torch.Tensor]],
+                                                          dict[str, torch.Tensor]]) -> None:
+    """Replace a checkpoint's safetensors files by one file of `transform(all tensors)`."""
     from safetensors.torch import load_file, save_file
 
-    expert_weight = re.compile(r"\.experts\.\d+\.[^.]+\.weight$")
-    files = sorted(directory.glob("*.safetensors"))
     tensors: dict[str, torch.Tensor] = {}
+    files = sorted(directory.glob("*.safetensors"))
     for f in files:
         tensors.update(load_file(f))
+    out = transform(tensors)
+    for f in files:
         f.unlink()
     (directory / "model.safetensors.index.json").unlink(missing_ok=True)
-    br, bc = block
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if not expert_weight.search(name):
-            out[name] = t
-            continue
-        w = t.to(torch.float32)
-        rows, cols = w.shape
-        sr, sc = -(-rows // br), -(-cols // bc)
-        padded = torch.zeros(sr * br, sc * bc)
-        padded[:rows, :cols] = w
-        blocks = padded.reshape(sr, br, sc, bc)
-        scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-        q = (blocks / scale[:, None, :, None]).reshape(sr * br, sc * bc)[:rows, :cols]
-        out[name] = q.to(torch.float8_e4m3fn).contiguous()
-        out[name + "_scale_inv"] = scale.contiguous()
     save_file(out, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def _update_config(directory: Path, **values: Any) -> None:
     config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                     "activation_scheme": "dynamic",
-                                     "weight_block_size": [br, bc]}
-    write_json(directory / "config.json", config)
+    write_json(directory / "config.json", config | values)
+
+
+_FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def pack_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4-quantize w [..., cols] (cols a multiple of 32) along its last dim:
+    (blocks uint8 [..., cols/32, 16], scales uint8 [..., cols/32])."""
+    groups = w.to(torch.float32).reshape(*w.shape[:-1], -1, 32)
+    amax = groups.abs().amax(-1).clamp(min=2.0 ** -120)
+    # The smallest power of two that brings the group's largest value within 6.
+    exp = torch.ceil(torch.log2(amax / 6.0))
+    scaled = groups / torch.exp2(exp)[..., None]
+    code = (scaled.abs()[..., None] - _FP4_VALUES).abs().argmin(-1)
+    code = code | ((scaled < 0) & (code > 0)).to(torch.long) << 3
+    packed = (code[..., 0::2] | code[..., 1::2] << 4).to(torch.uint8)
+    return packed.contiguous(), (exp + 127).to(torch.uint8).contiguous()
+
+
+def quantize_experts_mxfp4(directory: Path) -> None:
+    """Rewrite gpt-oss fused `experts.gate_up_proj` [E, H, 2I] and `experts.down_proj`
+    [E, I, H] as `*_blocks` / `*_scales` over their [E, out, in] transposes, the layout
+    of the gpt-oss MXFP4 releases, and record `quantization_config`."""
+    def transform(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                out[name + "_blocks"], out[name + "_scales"] = pack_mxfp4(t.transpose(1, 2))
+            else:
+                out[name] = t
+        return out
+
+    _rewrite_tensors(directory, transform)
+    _update_config(directory, quantization_config={
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"]})
+
+
+def _fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8_e4m3fn codes of a 2-D weight and float32 scales [ceil(rows/br), ceil(cols/bc)]
+    (block amax / 448): dequantized value = code x its block's scale."""
+    br, bc = block
+    w = w.to(torch.float32)
+    rows, cols = w.shape
+    sr, sc = -(-rows // br), -(-cols // bc)
+    padded = torch.zeros(sr * br, sc * bc)
+    padded[:rows, :cols] = w
+    blocks = padded.reshape(sr, br, sc, bc)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).reshape(sr * br, sc * bc)[:rows, :cols]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+
+
+def quantize_experts_fp8(directory: Path, block: tuple[int, int] = (128, 128)) -> None:
+    """Rewrite routed experts' weights as float8_e4m3fn with float32 block scales and
+    record `quantization_config` in config.json, in the layout of block-FP8 checkpoints:
+    per expert `experts.{id}.*.weight` + `*.weight_scale_inv`; fused
+    `experts.gate_up_proj` [E, R, C] + `experts.gate_up_proj_scale_inv` [E, R/br, C/bc]."""
+    import re
+
+    per_expert = re.compile(r"\.experts\.\d+\.[^.]+\.weight$")
+    fused = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+    br, bc = block
+
+    def transform(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if per_expert.search(name):
+                out[name], out[name + "_scale_inv"] = _fp8_blocks(t, block)
+            elif fused.search(name):
+                parts = [_fp8_blocks(t[e], block) for e in range(t.shape[0])]
+                out[name] = torch.stack([q for q, _ in parts]).contiguous()
+                out[name + "_scale_inv"] = torch.stack([s for _, s in parts]).contiguous()
+            else:
+                out[name] = t
+        return out
+
+    _rewrite_tensors(directory, transform)
+    _update_config(directory, quantization_config={
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+        "weight_block_size": [br, bc]})
 
 
 def fuse_experts(directory: Path, family: str) -> None:
     """Rewrite per-expert tensors as fused `experts.gate_up_proj` [E, 2I, H] and
     `experts.down_proj` [E, H, I] (the layout of newer checkpoints)."""
-    from safetensors.torch import load_file, save_file
-
     gate, up, down = (("w1", "w3", "w2") if family == "mixtral"
                       else ("gate_proj", "up_proj", "down_proj"))
-    files = sorted(directory.glob("*.safetensors"))
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(f))
-        f.unlink()
-    (directory / "model.safetensors.index.json").unlink(missing_ok=True)
-    out: dict[str, torch.Tensor] = {}
-    groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    for name, t in tensors.items():
-        parts = name.split(".")
-        if "experts" in parts and parts[parts.index("experts") + 1].isdigit():
-            i = parts.index("experts")
-            prefix = ".".join(parts[: i + 1])
-            groups.setdefault(prefix, {}).setdefault(int(parts[i + 1]), {})[parts[i + 2]] = t
-        else:
-            out[name] = t
-    for prefix, experts in groups.items():
-        ids = sorted(experts)
-        out[f"{prefix}.gate_up_proj"] = torch.stack(
-            [torch.cat([experts[e][gate], experts[e][up]], dim=0) for e in ids]).contiguous()
-        out[f"{prefix}.down_proj"] = torch.stack([experts[e][down] for e in ids]).contiguous()
-    save_file(out, directory / "model.safetensors", metadata={"format": "pt"})
+
+    def transform(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+        for name, t in tensors.items():
+            parts = name.split(".")
+            if "experts" in parts and parts[parts.index("experts") + 1].isdigit():
+                i = parts.index("experts")
+                prefix = ".".join(parts[: i + 1])
+                groups.setdefault(prefix, {}).setdefault(int(parts[i + 1]), {})[parts[i + 2]] = t
+            else:
+                out[name] = t
+        for prefix, experts in groups.items():
+            ids = sorted(experts)
+            out[f"{prefix}.gate_up_proj"] = torch.stack(
+                [torch.cat([experts[e][gate], experts[e][up]], dim=0) for e in ids]).contiguous()
+            out[f"{prefix}.down_proj"] = torch.stack([experts[e][down] for e in ids]).contiguous()
+        return out
+
+    _rewrite_tensors(directory, transform)
 
 
 def write_json(path: Path, data: Any) -> None:

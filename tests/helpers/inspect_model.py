@@ -9,7 +9,7 @@ def expert_shapes(model) -> dict[str, list[int]]:
         if name.endswith(("experts.w13_weight", "experts.w2_weight")):
             out[name] = list(p.shape)
     for name, module in model.named_modules():
-        if name.endswith(".gate") and hasattr(module, "output_size"):
+        if name.endswith((".gate", ".router")) and hasattr(module, "output_size"):
             out[f"{name}.weight"] = [int(module.output_size), int(module.input_size)]
     return out
 

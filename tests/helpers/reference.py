@@ -13,10 +13,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-EXPERT_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
-ROUTER_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\."
+EXPERT_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\.(\d+)\."
+                       r"(\w+)\.weight$")
+# Fused all-experts tensors (dim 0 = expert): weights, biases, MXFP4 blocks and scales,
+# FP8 block scales.
+FUSED_RE = re.compile(r"layers\.(\d+)\.(?:mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)"
+                      r"(_bias|_blocks|_scales|_scale_inv)?$")
+ROUTER_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\."
                        r"(?:gate\.weight|gate\.e_score_correction_bias"
-                       r"|moe_statics\.e_score_correction_bias)$")
+                       r"|moe_statics\.e_score_correction_bias|router\.weight|router\.bias)$")
 PROJS = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}
 # Config keys that hold the routed-expert count, over the families tested.
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -38,14 +43,34 @@ def load_all(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                       -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
+    """MXFP4 [..., G, 16] bytes (low nibble first) x 2^(scale - 127) -> [..., G * 32]."""
+    b = blocks.numpy().astype(np.int64)
+    values = np.stack([FP4_VALUES[b & 0xF], FP4_VALUES[b >> 4]], axis=-1)  # [..., G, 16, 2]
+    values = values.reshape(*b.shape[:-1], 32)
+    values = values * np.exp2(scales.numpy().astype(np.float64) - 127.0)[..., None]
+    return values.reshape(*b.shape[:-2], -1)
+
+
 def reference_scores(model_dir: Path) -> dict[int, dict[int, float]]:
-    """AIMER straight from the definition, in float64 numpy."""
+    """AIMER straight from the definition, in float64 numpy (MXFP4 dequantized first)."""
     parts: dict[tuple[int, int], list[np.ndarray]] = {}
-    for name, t in sorted(load_all(model_dir).items()):
+    tensors = load_all(model_dir)
+    for name, t in sorted(tensors.items()):
         m = EXPERT_RE.search(name)
         if m and m[3] in PROJS:
             parts.setdefault((int(m[1]), int(m[2])), []).append(
                 t.to(torch.float64).numpy().reshape(-1))
+        f = FUSED_RE.search(name)
+        if f and f[3] in (None, "_blocks"):
+            w = (dequant_mxfp4(t, tensors[name.replace("_blocks", "_scales")]) if f[3]
+                 else t.to(torch.float64).numpy())
+            for e in range(w.shape[0]):
+                parts.setdefault((int(f[1]), e), []).append(w[e].reshape(-1))
     scores: dict[int, dict[int, float]] = {}
     for (layer, expert), ws in parts.items():
         w = np.concatenate(ws)
@@ -88,6 +113,10 @@ def slice_checkpoint(src: Path, dst: Path, pruned: dict[int, list[int]]) -> Path
                 continue
             new = [e for e in range(experts) if e not in pruned[layer]].index(old)
             name = name.replace(f".experts.{old}.", f".experts.{new}.")
+        f = FUSED_RE.search(name)
+        if f:
+            keep = [e for e in range(t.shape[0]) if e not in pruned[int(f[1])]]
+            t = t[keep]
         r = ROUTER_RE.search(name)
         if r:
             layer, dim = int(r[1]), router_expert_dim(name, t)
