@@ -155,6 +155,8 @@ def build_tiny_moe(directory: str | Path, family: str = "qwen3_moe", *, num_laye
     """
     import transformers
 
+    if mxfp4 and family != "gpt_oss":
+        raise ValueError(f"mxfp4 checkpoints are gpt-oss's layout; got family {family!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab = 256
