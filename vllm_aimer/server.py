@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -19,6 +20,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def short_tmpdir() -> str:
+    """A fresh directory for one server's TMPDIR, removed by `close`. vLLM binds its ZMQ
+    IPC sockets there, and a Unix socket path holds at most 107 bytes, so it sits under
+    a short system temp dir rather than the (possibly deep) work directory."""
+    base = tempfile.gettempdir()
+    if len(base) > 32 and os.path.isdir("/tmp"):
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix="vllm-aimer-", dir=base)
 
 
 def vllm_command() -> list[str]:
@@ -35,7 +46,6 @@ class ServerProcess:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "tmp").mkdir(exist_ok=True)
         self.log_path = workdir / "server.log"
         self.cmd = [*vllm_command(), "serve", str(model), "--host", "127.0.0.1",
                     "--port", str(self.port), *args]
@@ -43,9 +53,8 @@ class ServerProcess:
         # inheriting the caller's would mix reports of different servers.
         inherited = {k: v for k, v in os.environ.items()
                      if k not in ("AIMER_STATE_DIR", "PROMETHEUS_MULTIPROC_DIR")}
-        # vLLM on CPU leaves sockets and files in TMPDIR: keep them in workdir.
         self.env = {**inherited, "VLLM_CPU_KVCACHE_SPACE": os.environ.get(
-            "VLLM_CPU_KVCACHE_SPACE", "1"), "TMPDIR": str(workdir / "tmp"), **(env or {})}
+            "VLLM_CPU_KVCACHE_SPACE", "1"), "TMPDIR": short_tmpdir(), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "ServerProcess":
