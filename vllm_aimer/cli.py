@@ -12,7 +12,7 @@ from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import ExpertLayout, expert_layout
 from vllm_aimer.outputs import ensure_writable_dir, write_plan_outputs
-from vllm_aimer.plan import Plan, group_ratios, make_plan, max_ratio, prune_count, read_plan
+from vllm_aimer.plan import Plan, group_ratios, make_plan, prune_count, read_plan
 from vllm_aimer.report import human_bytes
 from vllm_aimer.scoring import score_checkpoint
 
@@ -22,10 +22,9 @@ def _layout_facts(layout: ExpertLayout, fingerprint: str) -> dict:
     return {"family": layout.arch.family, "moe_layers": list(layout.layers),
             "experts_per_layer": layout.num_experts, "top_k": layout.top_k,
             "routed_expert_bytes": expert_bytes,
-            "max_prune_ratio": (max_ratio(layout.num_experts, layout.top_k)
-                                if layout.n_group <= 1 else
-                                group_ratios(layout.num_experts, layout.top_k,
-                                             layout.n_group, layout.topk_group)[-1]),
+            # Group-limited routers also need k to split over their groups.
+            "max_prune_ratio": group_ratios(layout.num_experts, layout.top_k,
+                                            layout.n_group, layout.topk_group)[-1],
             **({"expert_groups": layout.n_group, "topk_group": layout.topk_group}
                if layout.n_group > 1 else {}),
             "checkpoint": fingerprint}

@@ -28,7 +28,7 @@ from typing import Any
 from vllm_aimer.architectures import Architecture, architecture_for, config_value, text_config
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import expert_groups, expert_layout
-from vllm_aimer.plan import check_ratio, group_ratios, prune_count
+from vllm_aimer.plan import check_ratio, group_prune_counts, prune_count
 
 GIB = 1024**3
 
@@ -195,9 +195,7 @@ class ModelFacts:
     def prune_counts(self) -> list[int]:
         """Per-layer prune counts the loader accepts, ascending (group-limited routers
         take multiples of n_group that leave topk_group groups holding top_k experts)."""
-        return [round(r * self.num_experts)
-                for r in group_ratios(self.num_experts, self.top_k, self.n_group,
-                                      self.topk_group)]
+        return group_prune_counts(self.num_experts, self.top_k, self.n_group, self.topk_group)
 
     def prune_count(self, ratio: float) -> int:
         """The loader's k for `ratio`; fails as the loader would."""

@@ -120,11 +120,17 @@ def prune_count(num_layers: int, num_experts: int, top_k: int, ratio: float,
     return k
 
 
-def group_ratios(num_experts: int, top_k: int, n_group: int, topk_group: int) -> list[float]:
-    """Ratios k / E a group-limited router accepts: k a multiple of n_group, and the
-    topk_group groups a token may use still holding top_k kept experts."""
-    return [k / num_experts for k in range(0, num_experts, n_group)
+def group_prune_counts(num_experts: int, top_k: int, n_group: int, topk_group: int) -> list[int]:
+    """Per-layer prune counts k a router accepts, ascending: k a multiple of n_group, and
+    the topk_group groups a token may use still holding top_k kept experts (n_group 1:
+    every k that keeps top_k)."""
+    return [k for k in range(0, num_experts, n_group)
             if (num_experts - k) // n_group * topk_group >= top_k]
+
+
+def group_ratios(num_experts: int, top_k: int, n_group: int, topk_group: int) -> list[float]:
+    """The ratios k / E of `group_prune_counts`."""
+    return [k / num_experts for k in group_prune_counts(num_experts, top_k, n_group, topk_group)]
 
 
 def check_groups(num_experts: int, k: int, top_k: int, n_group: int, topk_group: int,
@@ -203,7 +209,8 @@ def make_plan(layout: ExpertLayout, scores: Mapping[int, Sequence[float]], ratio
     for layer in layout.layers:
         s = [float(x) for x in scores[layer]]
         pruned = select_pruned(s, k, layout.n_group)
-        kept = [e for e in range(len(s)) if e not in set(pruned)]
+        dropped = set(pruned)
+        kept = [e for e in range(len(s)) if e not in dropped]
         layers[str(layer)] = LayerPlan(pruned=pruned, kept=kept, scores=s)
     # The ratio actually pruned (k per layer / experts), which can differ from the request.
     return Plan(checkpoint=checkpoint, family=layout.arch.family, num_experts=layout.num_experts,

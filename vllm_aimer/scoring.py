@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -132,11 +132,17 @@ class ScoringResult:
     bytes_read: int
 
 
-def _chunks(sl, first: tuple[int, ...], rows: int, row_numel: int, chunk_elements: int):
-    """Slices of `rows` rows (after the fixed leading indices `first`)."""
+def _row_spans(rows: int, row_numel: int, chunk_elements: int) -> Iterator[slice]:
+    """Consecutive row slices of about `chunk_elements` elements each."""
     step = max(1, chunk_elements // max(1, row_numel))
     for start in range(0, rows, step):
-        yield sl[(*first, slice(start, min(rows, start + step)))]
+        yield slice(start, min(rows, start + step))
+
+
+def _chunks(sl, first: tuple[int, ...], rows: int, row_numel: int, chunk_elements: int):
+    """Slices of `rows` rows (after the fixed leading indices `first`)."""
+    for span in _row_spans(rows, row_numel, chunk_elements):
+        yield sl[(*first, span)]
 
 
 def score_checkpoint(
@@ -174,13 +180,11 @@ def score_checkpoint(
                         bytes_read += st.scale.nbytes
                     elif st.mxfp4_scales is not None:
                         scale_sl = f.get_slice(st.mxfp4_scales.name)
-                        rows, row_numel = shape[1], shape[2] * shape[3]
-                        step = max(1, chunk_elements // row_numel)
                         for expert in range(shape[0]):
-                            for a in range(0, rows, step):
-                                b = min(rows, a + step)
-                                _add_mxfp4(sums[layer][expert], sl[expert, a:b],
-                                           scale_sl[expert, a:b])
+                            for rows in _row_spans(shape[1], shape[2] * shape[3],
+                                                   chunk_elements):
+                                _add_mxfp4(sums[layer][expert], sl[expert, rows],
+                                           scale_sl[expert, rows])
                         bytes_read += st.mxfp4_scales.nbytes
                     elif st.expert is not None:
                         row_numel = st.info.numel // max(1, shape[0])
