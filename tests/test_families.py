@@ -24,8 +24,9 @@ from vllm_aimer.architectures import ARCHITECTURES
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import ExpertLayout, expert_layout
-from vllm_aimer.plan import (group_ratios, make_plan, plan_from_pruned_experts, prune_count,
-                             select_pruned)
+from vllm_aimer.constraints import Router, allowed_ratios
+from vllm_aimer.constraints import prune_count as _prune_count
+from vllm_aimer.plan import make_plan, plan_from_pruned_experts, select_pruned
 from vllm_aimer.scoring import score_checkpoint
 from vllm_aimer.weights import PrunedWeights
 
@@ -142,26 +143,26 @@ def test_select_pruned_matches_brute_force():
 def test_group_ratios_are_the_feasible_counts():
     # 16 experts in 4 groups, tokens routed within 2 groups, top_k 2: any multiple of 4
     # up to 12 works (one kept per group x 2 groups = 2 >= top_k).
-    assert group_ratios(16, 2, 4, 2) == [0, 0.25, 0.5, 0.75]
+    assert allowed_ratios(Router(16, 2, 4, 2)) == [0, 0.25, 0.5, 0.75]
     # top_k 6: 3 kept per group x 2 groups is the least.
-    assert group_ratios(16, 6, 4, 2) == [0, 0.25]
+    assert allowed_ratios(Router(16, 6, 4, 2)) == [0, 0.25]
     # DeepSeek-V3: 256 experts, 8 groups, topk_group 4, top_k 8.
-    ok = group_ratios(256, 8, 8, 4)
+    ok = allowed_ratios(Router(256, 8, 8, 4))
     assert ok[0] == 0 and ok[-1] == 240 / 256 and len(ok) == 31
 
 
 def test_ratio_that_does_not_split_over_groups_fails_fast():
     with pytest.raises(AimerError) as e:
-        prune_count(3, 16, 2, 0.3, n_group=4, topk_group=2)
+        _prune_count(3, Router(16, 2, 4, 2), 0.3)
     msg = str(e.value)
     assert "5 of 16 experts per layer" in msg and "n_group=4" in msg
     assert "ratios that work: 0, 0.25, 0.5, 0.75" in msg
-    assert prune_count(3, 16, 2, 0.25, n_group=4, topk_group=2) == 4
+    assert _prune_count(3, Router(16, 2, 4, 2), 0.25) == 4
 
 
 def test_ratio_leaving_too_few_routable_experts_fails_fast():
     with pytest.raises(AimerError) as e:
-        prune_count(3, 16, 6, 0.5, n_group=4, topk_group=2)
+        _prune_count(3, Router(16, 6, 4, 2), 0.5)
     msg = str(e.value)
     assert "keep 2 experts in each of 4 groups" in msg and "topk_group=2" in msg
     assert "top_k=6" in msg and "ratios that work: 0, 0.25" in msg

@@ -23,7 +23,8 @@ from vllm_aimer.errors import AimerError
 from vllm_aimer.fit import (
     GIB, FitOptions, facts_from_checkpoint, facts_from_config, fit_on, fit_options,
     kv_cache_bytes_per_token, kv_heads_per_gpu, load_model_facts, plan_fit, render_fit)
-from vllm_aimer.plan import prune_count
+from vllm_aimer.constraints import Router
+from vllm_aimer.constraints import prune_count as _prune_count
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 
@@ -33,6 +34,11 @@ PAPER = {
     "ernie-4.5-21b-a3b": (40.66, 21.67),
     "qwen3-30b-a3b": (56.92, 29.93),
 }
+
+
+def prune_count(layers: int, experts: int, top_k: int, ratio: float) -> int:
+    """The loader's k for a plain router (the rules live in vllm_aimer.constraints)."""
+    return _prune_count(layers, Router(experts, top_k), ratio)
 
 
 def load(name: str) -> dict:
@@ -154,7 +160,9 @@ def test_header_only_families_are_sized_from_headers(family, tiny_checkpoint):
                  else 2 * config["num_key_value_heads"] * config["head_dim"])
     assert kv_cache_bytes_per_token(f) == config["num_hidden_layers"] * per_layer * 4  # float32
     report = plan_fit(f, fit_options(gpus=1, gpu_memory_gib=1, overhead_gib=0), directory).to_json()
-    assert report["experts_per_layer"] == [16, config["num_experts_per_tok"]]
+    # [E, K]: experts per layer before and after pruning at --ratio (0.5 by default).
+    assert report["experts_per_layer"] == [16, 16 - k]
+    assert report["top_k"] == config["num_experts_per_tok"]
     assert report["pruned_weight_bytes"] == f.weight_bytes(8) and report["min_ratio"] == 0.0
     if config.get("n_group"):
         # Group-limited (4 groups of 4, tokens in 2 groups, top_k 2): fit only proposes
@@ -363,7 +371,7 @@ def test_cli_json_keys(runs):
                 "kv_cache_bytes_per_token", "min_ratio", "table"):
         assert key in data
     f = facts("qwen3-30b-a3b")
-    assert data["experts_per_layer"] == [128, 8]
+    assert data["experts_per_layer"] == [128, 64] and data["top_k"] == 8
     assert data["dense_weight_bytes"] == f.total_bytes
     assert data["pruned_weight_bytes"] == f.weight_bytes(64)
     assert data["kv_cache_bytes_per_token"] == 98304

@@ -16,10 +16,17 @@ from vllm_aimer.architectures import ARCHITECTURES
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import ExpertLayout, expert_layout
-from vllm_aimer.plan import check_ratio, make_plan, prune_count, read_plan
+from vllm_aimer.constraints import Router, check_ratio
+from vllm_aimer.constraints import prune_count as _prune_count
+from vllm_aimer.plan import make_plan, read_plan
 from vllm_aimer.scoring import score_checkpoint
 
 CLI = [sys.executable, "-m", "vllm_aimer.cli"]
+
+
+def prune_count(layers: int, experts: int, top_k: int, ratio, n_group: int = 1,
+                topk_group: int = 1) -> int:
+    return _prune_count(layers, Router(experts, top_k, n_group, topk_group), ratio)
 
 
 def synthetic_layout(num_layers: int, num_experts: int, top_k: int,
@@ -309,7 +316,7 @@ def test_too_few_kept_is_rejected(qwen, tmp_path):
     _, ckpt, layout, _ = qwen
     ids = list(range(15))
     path = _write(tmp_path, {str(i): ids for i in range(4)})
-    _expect_error(path, layout, ckpt.fingerprint, "keeps 1 experts", "top_k=2")
+    _expect_error(path, layout, ckpt.fingerprint, "keep 1 of 16 experts", "top_k=2")
     # Keeping exactly top_k is fine.
     path = _write(tmp_path, {str(i): ids[:14] for i in range(4)})
     assert read_plan(path, layout, ckpt.fingerprint).kept_per_layer == 2
@@ -387,14 +394,17 @@ def test_check_ratio_accepts(good):
     assert isinstance(out, float) and out == good
 
 
-def test_expert_parallel_checks_name_balanced_ratios():
-    from vllm_aimer.plan import check_expert_parallel, ep_balanced_ratios
+def test_expert_parallel_needs_an_even_split():
+    from vllm_aimer.constraints import Deployment, allowed_ratios, check_prune_count
 
-    assert ep_balanced_ratios(16, 2, 4) == [0.0, 0.25, 0.5, 0.75]
-    assert check_expert_parallel(16, 8, 2, 4) is None
-    assert check_expert_parallel(16, 8, 2, 1) is None
-    warning = check_expert_parallel(16, 10, 2, 4)  # ranks would hold 3, 3, 2, 2
-    assert warning is not None and "0.25, 0.5" in warning
-    with pytest.raises(AimerError, match="some rank would hold none") as info:
-        check_expert_parallel(16, 3, 2, 4)
+    router, ep4 = Router(16, 2), Deployment(ep_size=4)
+    assert allowed_ratios(router, ep4) == [0.0, 0.25, 0.5, 0.75]
+    check_prune_count(router, 8, "x", ep4)
+    check_prune_count(router, 6, "x", Deployment(ep_size=1))
+    # 10 kept over 4 ranks (3, 3, 2, 2) is refused, not warned about.
+    with pytest.raises(AimerError, match="do not split evenly over 4 expert-parallel") as info:
+        check_prune_count(router, 6, "prune_ratio 0.375", ep4)
+    assert "nearest: 0, 0.25, 0.5." in str(info.value)
+    with pytest.raises(AimerError, match="3 experts per layer, which do not split") as info:
+        check_prune_count(router, 13, "x", ep4)
     assert "0.75" in str(info.value)

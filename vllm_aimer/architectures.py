@@ -44,6 +44,10 @@ class Architecture:
     (DeepSeek-V3 `n_group`): experts form that many contiguous groups of equal size."""
     group_topk_keys: tuple[str, ...] = ()
     """Config keys holding how many groups each token may be routed to (`topk_group`)."""
+    mtp_layer_keys: tuple[str, ...] = ()
+    """Config keys holding the number of multi-token-prediction layers stored after the
+    trunk (`layers.{num_hidden_layers + i}`), which vLLM's MTP drafter builds with the
+    same expert count (DeepSeek-V3 / GLM-4.5 `num_nextn_predict_layers`)."""
 
     # What `vllm-aimer fit` needs to size a model from config.json alone (see fit.py).
     serving: bool = True
@@ -148,6 +152,9 @@ _DEEPSEEK = Architecture(
     router_tensors={"gate.weight": 0, "gate.e_score_correction_bias": 0},
     group_count_keys=("n_group",),
     group_topk_keys=("topk_group",),
+    # vllm/model_executor/models/deepseek_mtp.py and glm4_moe_mtp.py: MTP layers at
+    # num_hidden_layers + i, experts named like a trunk layer's.
+    mtp_layer_keys=("num_nextn_predict_layers",),
     fit=False,  # MLA attention (DeepSeek) and partial rotary (GLM) are not modelled by fit.py
     moe_intermediate_keys=("moe_intermediate_size",),
     shared_expert_keys=("n_shared_experts",),

@@ -12,21 +12,35 @@ from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import ExpertLayout, expert_layout
 from vllm_aimer.outputs import ensure_writable_dir, write_plan_outputs
-from vllm_aimer.plan import Plan, group_ratios, make_plan, prune_count, read_plan
+from vllm_aimer.constraints import (Deployment, Gpu, Router, allowed_ratios, prune_count,
+                                   ratio_text)
+from vllm_aimer.plan import Plan, make_plan, read_plan
 from vllm_aimer.report import human_bytes
 from vllm_aimer.scoring import score_checkpoint
 
 
-def _layout_facts(layout: ExpertLayout, fingerprint: str) -> dict:
+def _router(layout: ExpertLayout) -> Router:
+    return Router(layout.num_experts, layout.top_k, layout.n_group, layout.topk_group)
+
+
+def _safe_ratios(layout: ExpertLayout, ep_size: int) -> dict[str, list[float]]:
+    """Per GPU kind, the prune ratios the loader accepts there with `ep_size` EP ranks."""
+    return {gpu.value: allowed_ratios(_router(layout), Deployment(ep_size, gpu)) for gpu in Gpu}
+
+
+def _layout_facts(layout: ExpertLayout, fingerprint: str, ep_size: int = 1) -> dict:
     expert_bytes = sum(sum(layout.expert_bytes[layer]) for layer in layout.layers)
+    safe = _safe_ratios(layout, ep_size)
     return {"family": layout.arch.family, "moe_layers": list(layout.layers),
+            **({"mtp_layers": list(layout.mtp_layers)} if layout.mtp_layers else {}),
             "experts_per_layer": layout.num_experts, "top_k": layout.top_k,
             "routed_expert_bytes": expert_bytes,
             # Group-limited routers also need k to split over their groups.
-            "max_prune_ratio": group_ratios(layout.num_experts, layout.top_k,
-                                            layout.n_group, layout.topk_group)[-1],
+            "max_prune_ratio": safe[Gpu.ANY.value][-1],
             **({"expert_groups": layout.n_group, "topk_group": layout.topk_group}
                if layout.n_group > 1 else {}),
+            "expert_parallel_size": ep_size,
+            "safe_prune_ratios": safe,
             "checkpoint": fingerprint}
 
 
@@ -44,8 +58,7 @@ def _print_plan(plan: Plan, expert_bytes: int | None = None) -> None:
 def cmd_score(args: argparse.Namespace) -> int:
     ckpt = open_checkpoint(args.model)
     layout = expert_layout(ckpt)
-    prune_count(len(layout.layers), layout.num_experts, layout.top_k, args.ratio,
-                layout.n_group, layout.topk_group)
+    prune_count(len(layout.layers), _router(layout), args.ratio)
     out = ensure_writable_dir(args.output, "output")
     result = score_checkpoint(ckpt, layout, progress=not args.quiet)
     plan = make_plan(layout, result.scores, args.ratio, ckpt.fingerprint)
@@ -70,9 +83,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    ep_size = _ep_size(args.ep_size)
     ckpt = open_checkpoint(args.model)
     layout = expert_layout(ckpt)
-    facts = _layout_facts(layout, ckpt.fingerprint)
+    facts = _layout_facts(layout, ckpt.fingerprint, ep_size)
     facts["total_bytes"] = ckpt.total_bytes
     if args.json:
         print(json.dumps(facts, indent=1))
@@ -82,9 +96,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"experts per layer {layout.num_experts}, top_k {layout.top_k}")
     print(f"weights           {human_bytes(ckpt.total_bytes)}, of which routed experts "
           f"{human_bytes(facts['routed_expert_bytes'])}")
+    if layout.mtp_layers:
+        print(f"MTP layers        {', '.join(map(str, layout.mtp_layers))} (pruned like a "
+              "trunk layer, not counted in the ratio)")
     print(f"max prune ratio   {facts['max_prune_ratio']:.4g}")
+    where = f", {ep_size} expert-parallel ranks" if ep_size > 1 else ""
+    print(f"safe prune ratios (the loader refuses others{where}):")
+    for gpu in Gpu:
+        ratios = facts["safe_prune_ratios"][gpu.value]
+        print(f"  {gpu.label}: {', '.join(ratio_text(r) for r in ratios)}")
     print(f"checkpoint        {ckpt.fingerprint}")
     return 0
+
+
+def _ep_size(value: str | None) -> int:
+    if value is None:
+        return 1
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise AimerError(f"--ep-size must be a positive integer, got {value!r}.",
+                         "pass the expert-parallel size you serve with (data x tensor "
+                         "parallel size with --enable-expert-parallel), e.g. --ep-size 8.")
+    return size
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -132,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show a checkpoint's MoE layout (reads headers only)")
     p.add_argument("model", help="local checkpoint directory")
+    p.add_argument("--ep-size", help="expert-parallel size to list safe ratios for "
+                                     "(default 1: no expert parallelism)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
 
@@ -160,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full-length sequences the KV cache must hold (default 1)")
     p.add_argument("--kv-cache-dtype", help="auto (model dtype), fp8, bfloat16, ... (default auto)")
     p.add_argument("--ratio", help="prune ratio to report pruned weights at (default 0.5)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="serve with --enable-expert-parallel: only ratios whose kept count "
+                        "splits evenly over the GPUs are offered")
+    p.add_argument("--gpu", help="GPU kind whose MoE kernel limits apply: any (default) or "
+                                 "blackwell (kept count a multiple of 4, above top_k)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_fit)
     return parser

@@ -28,7 +28,8 @@ from typing import Any
 from vllm_aimer.architectures import Architecture, architecture_for, config_value, text_config
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import expert_groups, expert_layout
-from vllm_aimer.plan import check_ratio, group_prune_counts, prune_count
+from vllm_aimer.constraints import (ANYWHERE, Deployment, Gpu, Router, allowed_prune_counts,
+                                   check_ratio, prune_count)
 
 GIB = 1024**3
 
@@ -92,6 +93,13 @@ class FitOptions:
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     kv_cache_dtype: str = "auto"
     ratio: float = DEFAULT_RATIO
+    expert_parallel: bool = False
+    """Serve with --enable-expert-parallel: the EP size is then the GPU count."""
+    gpu: Gpu = Gpu.ANY
+    """The GPU kind whose MoE kernel limits apply to the kept count."""
+
+    def deployment(self, gpus: int) -> Deployment:
+        return Deployment(ep_size=gpus if self.expert_parallel else 1, gpu=self.gpu)
 
     @property
     def budget_bytes(self) -> int:
@@ -106,7 +114,8 @@ class FitOptions:
 def fit_options(*, gpus: Any = None, gpu_memory_gib: Any = None,
                 gpu_memory_utilization: Any = None, overhead_gib: Any = None,
                 max_model_len: Any = None, max_num_seqs: Any = None,
-                kv_cache_dtype: Any = None, ratio: Any = None) -> FitOptions:
+                kv_cache_dtype: Any = None, ratio: Any = None,
+                expert_parallel: bool = False, gpu: Any = None) -> FitOptions:
     """Check raw option values (strings from the command line, or numbers); None = default.
 
     Each bad value gets an AimerError naming the flag and the fix, so the CLI can
@@ -156,7 +165,14 @@ def fit_options(*, gpus: Any = None, gpu_memory_gib: Any = None,
     if ratio is not None:
         opts["ratio"] = check_ratio(_number(
             ratio, "--ratio", "pass the fraction of routed experts to prune, e.g. 0.5."))
-    return FitOptions(**opts)
+    if gpu is not None:
+        kinds = [g.value for g in Gpu]
+        if gpu not in kinds:
+            raise AimerError(f"--gpu {gpu!r} is not a GPU kind vllm-aimer knows.",
+                             f"use one of {', '.join(kinds)} (blackwell: NVIDIA B200/GB200/"
+                             "B300, whose TRT-LLM MoE kernels limit the kept count).")
+        opts["gpu"] = Gpu(gpu)
+    return FitOptions(expert_parallel=bool(expert_parallel), **opts)
 
 
 # --------------------------------------------------------------------------- model sizes
@@ -192,15 +208,18 @@ class ModelFacts:
     """Expert groups of a group-limited router (1: none); k must split over them."""
     topk_group: int = 1
 
-    def prune_counts(self) -> list[int]:
-        """Per-layer prune counts the loader accepts, ascending (group-limited routers
-        take multiples of n_group that leave topk_group groups holding top_k experts)."""
-        return group_prune_counts(self.num_experts, self.top_k, self.n_group, self.topk_group)
+    @property
+    def router(self) -> Router:
+        return Router(self.num_experts, self.top_k, self.n_group, self.topk_group)
 
-    def prune_count(self, ratio: float) -> int:
+    def prune_counts(self, deployment: Deployment = ANYWHERE) -> list[int]:
+        """Per-layer prune counts the loader accepts on `deployment`, ascending
+        (see `constraints`: top_k floor, groups, EP split, kernel limits)."""
+        return allowed_prune_counts(self.router, deployment)
+
+    def prune_count(self, ratio: float, deployment: Deployment = ANYWHERE) -> int:
         """The loader's k for `ratio`; fails as the loader would."""
-        return prune_count(len(self.moe_layers), self.num_experts, self.top_k, ratio,
-                           self.n_group, self.topk_group)
+        return prune_count(len(self.moe_layers), self.router, ratio, deployment)
 
     @property
     def prunable_bytes(self) -> int:
@@ -532,10 +551,10 @@ class Fit:
         return self.weight_bytes + self.kv_cache_bytes + self.overhead_bytes
 
 
-def ratio_text(facts: ModelFacts, k: int) -> str:
+def ratio_text(facts: ModelFacts, k: int, deployment: Deployment = ANYWHERE) -> str:
     """k/E as decimal text that the loader's `prune_count` turns back into exactly k."""
     text = f"{k / facts.num_experts:.10g}"
-    if facts.prune_count(float(text)) == k:
+    if facts.prune_count(float(text), deployment) == k:
         return text
     return repr(k / facts.num_experts)
 
@@ -563,12 +582,14 @@ def fit_on(facts: ModelFacts, opts: FitOptions, gpus: int, max_model_len: int) -
                    weight_bytes=math.ceil(facts.weight_bytes(0) / gpus),
                    reason=f"vLLM cannot use tensor parallel size {gpus}: {problem}",
                    why=problem, **common)
-    for k in facts.prune_counts():
+    deployment = opts.deployment(gpus)
+    counts = facts.prune_counts(deployment)
+    for k in counts:
         weights = math.ceil(facts.weight_bytes(k) / gpus)
         if weights + kv + overhead <= budget:
-            return Fit(pruned_per_layer=k, ratio=ratio_text(facts, k), weight_bytes=weights,
-                       **common)
-    k_max = facts.max_pruned_per_layer
+            return Fit(pruned_per_layer=k, ratio=ratio_text(facts, k, deployment),
+                       weight_bytes=weights, **common)
+    k_max = counts[-1]
     weights = math.ceil(facts.weight_bytes(k_max) / gpus)
     kept = weights - non_expert
     total = weights + kv + overhead
@@ -598,6 +619,8 @@ def serve_command(model_dir: Path, facts: ModelFacts, opts: FitOptions, fit: Fit
     """The `vllm serve` line for a fit (no aimer flags when nothing needs pruning)."""
     parts = ["vllm", "serve", shlex.quote(str(model_dir)),
              "--tensor-parallel-size", str(fit.gpus)]
+    if opts.expert_parallel:
+        parts.append("--enable-expert-parallel")
     if fit.pruned_per_layer:
         extra = json.dumps({"prune_ratio": json.loads(fit.ratio or "0")})
         parts += ["--load-format", "aimer", "--model-loader-extra-config", shlex.quote(extra)]
@@ -651,7 +674,10 @@ class FitReport:
             "size_source": f.source,
             "load_time_pruning_supported": f.serving,
             "dtype": f.dtype,
-            "experts_per_layer": [f.num_experts, f.top_k],
+            "experts_per_layer": [f.num_experts, f.num_experts - self.ratio_pruned_per_layer],
+            "top_k": f.top_k,
+            "expert_parallel": opts.expert_parallel,
+            "gpu": opts.gpu.value,
             "moe_layers": len(f.moe_layers),
             "max_ratio": f.max_pruned_per_layer / f.num_experts,
             "dense_weight_bytes": f.total_bytes,
@@ -744,6 +770,9 @@ def render_fit(report: FitReport) -> str:
         f"{opts.max_num_seqs} sequence{'s' if opts.max_num_seqs > 1 else ''}",
         f"per GPU   {opts.gpu_memory_gib:g} GiB x {opts.gpu_memory_utilization:g} = "
         f"{gib(opts.budget_bytes)}, of which {gib(opts.overhead_bytes)} runtime overhead",
+        *([f"ratios    only those safe with expert parallelism over the GPUs (kept count "
+           f"a multiple of the GPU count) on {opts.gpu.label}"]
+          if opts.expert_parallel or opts.gpu is not Gpu.ANY else []),
         "",
         f"{'GPUs':>4}  {'min ratio':<10} {'weights/GPU':>12} {'KV/GPU':>11} {'total/GPU':>11}",
     ]

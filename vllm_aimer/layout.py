@@ -55,10 +55,18 @@ class ExpertLayout:
     """Expert groups of a group-limited router (contiguous, equal size); 1: none."""
     topk_group: int = 1
     """Groups each token may be routed to (meaningful when n_group > 1)."""
+    mtp_layers: tuple[int, ...] = ()
+    """Indices of multi-token-prediction layers (>= num_hidden_layers), ascending: vLLM
+    builds them with the same expert count, but they are not part of the trunk."""
 
     @property
     def total_experts(self) -> int:
         return self.num_experts * len(self.layers)
+
+    @property
+    def all_layers(self) -> tuple[int, ...]:
+        """Trunk MoE layers, then MTP layers: every layer whose experts are scored and sliced."""
+        return self.layers + self.mtp_layers
 
 
 def expert_layout(ckpt: Checkpoint) -> ExpertLayout:
@@ -105,12 +113,13 @@ def expert_layout(ckpt: Checkpoint) -> ExpertLayout:
                 scored[layer].append(_scored_fused(ckpt, info))
                 fused_roles[layer].update(roles)
 
-    layers = tuple(sorted(expert_bytes))
+    found = tuple(sorted(expert_bytes))
+    layers, mtp_layers = split_mtp_layers(ckpt.config, arch, found)
     if not layers:
         raise AimerError(
             f"found no routed-expert tensors for family {arch.family} in {ckpt.directory}.",
             "check that this is a Mixture-of-Experts checkpoint in Hugging Face layout.")
-    for layer in layers:
+    for layer in found:
         for expert in range(num_experts):
             have = roles_seen[(layer, expert)] | fused_roles[layer]
             missing = [r for r in ROLES if r not in have]
@@ -121,7 +130,31 @@ def expert_layout(ckpt: Checkpoint) -> ExpertLayout:
                     "the checkpoint is incomplete or in an unsupported layout; re-download it.")
         scored[layer].sort(key=lambda s: (s.info.file, s.expert or 0, s.info.name))
     return ExpertLayout(arch, num_experts, top_k, layers, dict(scored), dict(expert_bytes),
-                        n_group, topk_group)
+                        n_group, topk_group, mtp_layers)
+
+
+def split_mtp_layers(config, arch: Architecture,
+                     found: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(trunk, MTP) layer indices. MTP layers follow the trunk at num_hidden_layers..
+    (DeepSeek-V3, GLM-4.5: `num_nextn_predict_layers`); an expert tensor at any other
+    index beyond the trunk means the config does not describe the checkpoint."""
+    cfg = text_config(config)
+    trunk_count = cfg.get("num_hidden_layers")
+    if not isinstance(trunk_count, int) or isinstance(trunk_count, bool):
+        return found, ()
+    mtp_count = next((cfg[k] for k in arch.mtp_layer_keys
+                      if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)), 0)
+    trunk = tuple(i for i in found if i < trunk_count)
+    mtp = tuple(i for i in found if i >= trunk_count)
+    stray = [i for i in mtp if i >= trunk_count + mtp_count]
+    if stray:
+        keys = "/".join(arch.mtp_layer_keys) or "no multi-token-prediction layers"
+        raise AimerError(
+            f"the checkpoint has routed-expert tensors in layer(s) {stray}, but config.json "
+            f"says num_hidden_layers={trunk_count} and {mtp_count} MTP layer(s) ({keys}).",
+            "the checkpoint and its config.json disagree; use the config.json released with "
+            "these weights.")
+    return trunk, mtp
 
 
 def _fp8_block(config) -> tuple[int, int]:

@@ -4,6 +4,14 @@ Before the model is built, the loader scores the checkpoint's routed experts
 (or reads a plan), rewrites the config's expert count so vLLM allocates only
 the kept experts, and then feeds vLLM a weight stream in which pruned experts
 are never read, kept ones are renumbered and routers are sliced.
+
+Where a deployment could make a pruned model answer wrongly, the load is refused
+before any weight is read: uneven expert-parallel splits and kernel limits on the
+kept count (see `constraints`), EPLB, weight-transfer backends that bypass the
+model's `load_weights`, and ranks that disagree on the plan. A speculative-decoding
+draft with its own checkpoint loads exactly as stock vLLM loads it; one that shares
+the target's checkpoint (MTP) gets the target's plan. Later weight loads into the
+pruned model (reload_weights, RL weight sync) are pruned with the same plan.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from pathlib import Path
 
 import torch
@@ -23,21 +31,33 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
 
 from vllm_aimer.checkpoint import Checkpoint, open_checkpoint
+from vllm_aimer.constraints import Deployment, Gpu, Router, check_prune_count, prune_count
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import ExpertLayout, expert_layout
 from vllm_aimer.metrics import publish
 from vllm_aimer.options import AimerOptions, parse_options
 from vllm_aimer.outputs import ensure_writable_dir, write_plan_outputs
-from vllm_aimer.plan import (Plan, check_expert_parallel, identity_plan, make_plan,
-                              prune_count, read_plan)
+from vllm_aimer.plan import Plan, conform, identity_plan, make_plan, read_plan, with_mtp_layers
 from vllm_aimer.plan_cache import cached_plan, default_cache_dir
-from vllm_aimer.report import PruningReport, rank as _rank, write_error, write_report
+from vllm_aimer.report import PruningReport, human_bytes, rank as _rank, write_error, write_report
 from vllm_aimer.scoring import score_checkpoint
-from vllm_aimer.weights import PrunedWeights
+from vllm_aimer.weights import PlanMap, PrunedWeights
 
 logger = init_logger("vllm.aimer")
 
 LOAD_FORMAT = "aimer"
+# Weight-transfer backends (RL weight sync) that hand every chunk to the model's
+# `load_weights` (vllm/distributed/weight_transfer/{nccl,ipc}_engine.py), where the
+# plan is applied; the others may write into parameters directly.
+PLAN_AWARE_TRANSFER_BACKENDS = ("nccl", "ipc")
+# A conservative reading speed for the start-up estimate: scoring ran at 0.76 GB/s
+# (float32, cold page cache) on a 2-core machine here (benchmarks/results/scoring.json).
+ESTIMATE_BYTES_PER_S = 0.5e9
+
+# Plans this process used, by checkpoint fingerprint: a draft model that shares the
+# target's checkpoint (MTP) loads in the same worker right after the target, and must
+# prune exactly what the target pruned.
+_PLANS: dict[str, Plan] = {}
 
 
 class AimerModelLoader(DefaultModelLoader):
@@ -49,14 +69,22 @@ class AimerModelLoader(DefaultModelLoader):
         except AimerError as e:
             write_error(str(e))
             raise
-        parent_config = copy.copy(load_config)
+        self._stock_config = copy.copy(load_config)
+        self._stock_config.load_format = "auto"
+        self._stock_config.model_loader_extra_config = dict(self.options.parent)
+        parent_config = copy.copy(self._stock_config)
         parent_config.load_format = "safetensors"
-        parent_config.model_loader_extra_config = dict(self.options.parent)
         super().__init__(parent_config)
         self._weights: PrunedWeights | None = None
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig,
                    prefix: str = "") -> nn.Module:
+        if _is_separate_draft(vllm_config, model_config):
+            # An EAGLE head or draft model of its own: not ours to prune.
+            logger.info("vllm-aimer: draft model %s has its own checkpoint; loading it "
+                        "unpruned, as stock vLLM does", model_config.model)
+            return DefaultModelLoader(self._stock_config).load_model(
+                vllm_config=vllm_config, model_config=model_config, prefix=prefix)
         try:
             return self._load_model(vllm_config, model_config, prefix)
         except AimerError as e:
@@ -65,22 +93,37 @@ class AimerModelLoader(DefaultModelLoader):
 
     def _load_model(self, vllm_config: VllmConfig, model_config: ModelConfig,
                     prefix: str) -> nn.Module:
+        is_draft = model_config.runner_type == "draft"
         folder = model_config.model
         if not os.path.isdir(folder):  # a hub id: vLLM downloads it (safetensors) as usual
             folder, _, _, _ = self._prepare_weights(folder, None, model_config.revision,
                                                     False, None)
         ckpt = open_checkpoint(folder)
         layout = expert_layout(ckpt)
+        deployment = _deployment(vllm_config)
         plan_out = (ensure_writable_dir(self.options.plan_out, "plan_out")
-                    if self.options.plan_out else None)
-        plan, source, seconds = self._make_plan(ckpt, layout)
-        _check_expert_parallel(vllm_config, plan)
+                    if self.options.plan_out and not is_draft else None)
+        if is_draft and ckpt.fingerprint in _PLANS:
+            plan, source, seconds = _PLANS[ckpt.fingerprint], "target", 0.0
+        else:
+            plan, source, seconds = self._make_plan(ckpt, layout, deployment)
+        if plan.total_pruned:
+            _check_deployment(vllm_config, plan, deployment)
+        _check_ranks_agree(plan)
+        _PLANS[ckpt.fingerprint] = plan
         if plan.total_pruned:
             _set_expert_count(model_config, layout, plan.kept_per_layer)
             self._weights = PrunedWeights(ckpt, layout, plan)
         written = write_plan_outputs(plan, plan_out) if plan_out else []
 
-        model = super().load_model(vllm_config, model_config, prefix)
+        model = super().load_model(vllm_config=vllm_config, model_config=model_config,
+                                   prefix=prefix)
+        if plan.total_pruned:
+            _prune_later_loads(model, PlanMap(layout, plan))
+        if is_draft:
+            logger.info("vllm-aimer: draft model (shares the target's checkpoint) pruned "
+                        "with the target's plan %s", plan.plan_hash)
+            return model
 
         report = PruningReport.build(
             model_name=model_config.served_model_name or model_config.model,
@@ -93,21 +136,36 @@ class AimerModelLoader(DefaultModelLoader):
         logger.info("%s", report.summary())
         return model
 
-    def _make_plan(self, ckpt: Checkpoint, layout: ExpertLayout) -> tuple[Plan, str, float]:
+    def _make_plan(self, ckpt: Checkpoint, layout: ExpertLayout,
+                   deployment: Deployment) -> tuple[Plan, str, float]:
         if self.options.plan is not None:
-            return read_plan(self.options.plan, layout, ckpt.fingerprint), "plan_file", 0.0
+            plan = read_plan(self.options.plan, layout, ckpt.fingerprint)
+            check_prune_count(plan.router, plan.pruned_per_layer, f"plan {self.options.plan}",
+                              deployment)
+            seconds = 0.0
+            if layout.mtp_layers and not plan.mtp_layers and plan.total_pruned:
+                # The authors' format never names MTP layers: choose theirs by AIMER.
+                _log_estimate(layout, layout.mtp_layers, ckpt)
+                result = score_checkpoint(ckpt, layout, layers=layout.mtp_layers)
+                plan, seconds = with_mtp_layers(plan, layout, result.scores), result.seconds
+            return plan, "plan_file", seconds
         ratio = self.options.prune_ratio or 0.0
         if ratio == 0.0:
             return identity_plan(layout, ckpt.fingerprint), "score", 0.0
-        # Fails on a ratio that leaves fewer than top_k experts, before any weight is read.
-        prune_count(len(layout.layers), layout.num_experts, layout.top_k, ratio,
-                    layout.n_group, layout.topk_group)
+        # Fails on a ratio the router, EP split or kernels cannot take, before any
+        # weight is read.
+        router = Router(layout.num_experts, layout.top_k, layout.n_group, layout.topk_group)
+        prune_count(len(layout.layers), router, ratio, deployment)
         seconds = 0.0
 
         def score() -> Plan:
             nonlocal seconds
+            _log_estimate(layout, layout.all_layers, ckpt)
             result = score_checkpoint(ckpt, layout)
             seconds = result.seconds
+            logger.info("vllm-aimer: scored %s of expert weights in %.2f s (%s/s)",
+                        human_bytes(result.bytes_read), result.seconds,
+                        human_bytes(result.bytes_read / max(result.seconds, 1e-9)))
             return make_plan(layout, result.scores, ratio, ckpt.fingerprint)
 
         cache = self.options.plan_cache
@@ -120,11 +178,15 @@ class AimerModelLoader(DefaultModelLoader):
             logger.warning("vllm-aimer: plan cache %s unusable (%s); scoring without it",
                            cache_dir, e)
             return score(), "score", seconds
+        if hit:  # written by another version or rank: check it as strictly as a plan file
+            plan = conform(plan, layout, f"cached plan in {cache_dir}")
         return plan, ("cache" if hit else "score"), seconds
 
     def get_all_weights(self, model_config: ModelConfig,
                         model: nn.Module) -> Generator[tuple[str, torch.Tensor], None, None]:
         if self._weights is None:
+            # Nothing pruned, or a fresh loader reloading weights into a pruned model:
+            # that model's load_weights applies its plan (see _prune_later_loads).
             yield from super().get_all_weights(model_config, model)
             return
         local = self.local_expert_ids
@@ -136,17 +198,125 @@ class AimerModelLoader(DefaultModelLoader):
             yield from self._get_weights_iterator(source)
 
 
-def _check_expert_parallel(vllm_config: VllmConfig, plan: Plan) -> None:
-    """Kept experts are spread by vLLM's EP rules in the new id space; check they can be."""
+def _is_separate_draft(vllm_config: VllmConfig, model_config: ModelConfig) -> bool:
+    """A speculative-decoding draft whose weights are not the target's checkpoint."""
+    if model_config.runner_type != "draft":
+        return False
+    spec = vllm_config.speculative_config
+    target = spec.target_model_config if spec is not None else None
+    if target is None:
+        return True
+    return not _same_checkpoint(model_config.model, target.model)
+
+
+def _same_checkpoint(a: str, b: str) -> bool:
+    return a == b or (os.path.isdir(a) and os.path.isdir(b)
+                      and os.path.realpath(a) == os.path.realpath(b))
+
+
+def _deployment(vllm_config: VllmConfig) -> Deployment:
+    from vllm.platforms import current_platform
+
     parallel = vllm_config.parallel_config
-    if not parallel.enable_expert_parallel:
-        return
     # The EP group is DP x PCP x TP, as in vLLM's FusedMoEParallelConfig.
     ep_size = (parallel.data_parallel_size * parallel.prefill_context_parallel_size
-               * parallel.tensor_parallel_size)
-    warning = check_expert_parallel(plan.num_experts, plan.kept_per_layer, plan.top_k, ep_size)
-    if warning:
-        logger.warning("vllm-aimer: %s", warning)
+               * parallel.tensor_parallel_size) if parallel.enable_expert_parallel else 1
+    blackwell = current_platform.is_cuda() and current_platform.is_device_capability_family(100)
+    return Deployment(ep_size=ep_size, gpu=Gpu.BLACKWELL if blackwell else Gpu.ANY)
+
+
+def _check_deployment(vllm_config: VllmConfig, plan: Plan, deployment: Deployment) -> None:
+    """Refuse what a pruned model cannot be proven to serve correctly."""
+    check_prune_count(plan.router, plan.pruned_per_layer, "this plan", deployment)
+    parallel = vllm_config.parallel_config
+    if parallel.enable_eplb:
+        raise AimerError(
+            "--enable-eplb with a pruned model is not supported: EPLB moves and replicates "
+            "experts at run time, which vllm-aimer has not been able to verify with a "
+            "pruned expert set (it needs NVIDIA GPUs).",
+            "serve the pruned model without --enable-eplb (expert parallelism alone works "
+            "with a kept count that splits evenly), or serve without pruning.")
+    transfer = vllm_config.weight_transfer_config
+    if transfer is not None and transfer.backend not in PLAN_AWARE_TRANSFER_BACKENDS:
+        raise AimerError(
+            f"weight transfer backend {transfer.backend!r} may write trainer weights straight "
+            "into the pruned model's parameters, bypassing its plan.",
+            f"use backend {' or '.join(map(repr, PLAN_AWARE_TRANSFER_BACKENDS))} (their "
+            "weights are pruned with the same plan), or serve without pruning.")
+    spec = vllm_config.speculative_config
+    draft_config = spec.draft_load_config if spec is not None else None
+    if (draft_config is not None and draft_config.load_format != LOAD_FORMAT
+            and spec.draft_model_config is not None
+            and _same_checkpoint(spec.draft_model_config.model, vllm_config.model_config.model)):
+        raise AimerError(
+            f"the MTP draft shares the pruned target's checkpoint but is loaded with "
+            f"load format {draft_config.load_format!r}: it would be built with the pruned "
+            "expert count and fed every expert.",
+            "leave the draft's load config unset (it then uses --load-format aimer and the "
+            "target's plan).")
+
+
+def _check_ranks_agree(plan: Plan) -> None:
+    """All ranks must prune the same experts: a TP rank holding a shard of another
+    expert set would silently mix experts. Ranks that share no plan cache score on
+    their own, where float rounding may order near-ties differently."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from vllm.distributed.parallel_state import get_world_group
+
+    group = get_world_group()
+    if group.world_size <= 1:
+        return
+    hashes: list[str | None] = [None] * group.world_size
+    dist.all_gather_object(hashes, plan.plan_hash, group=group.cpu_group)
+    if len(set(hashes)) > 1:
+        by_rank = ", ".join(f"rank {r}: {h}" for r, h in enumerate(hashes))
+        raise AimerError(
+            f"ranks chose different experts to prune ({by_rank}); serving would mix "
+            "experts across ranks.",
+            "score once (`vllm-aimer score MODEL --ratio R --output DIR`) and pass "
+            '{"plan": "DIR"} to every rank, or point plan_cache at a directory all ranks '
+            "share.")
+
+
+def _log_estimate(layout: ExpertLayout, layers: Iterable[int], ckpt: Checkpoint) -> None:
+    """Scoring runs inside engine start-up, which vLLM's API server bounds."""
+    from vllm import envs
+
+    scored = sum(st.info.nbytes + (st.scale.nbytes if st.scale else 0)
+                 for layer in layers for st in layout.scored[layer])
+    seconds = (scored + ckpt.total_bytes) / ESTIMATE_BYTES_PER_S
+    timeout = envs.VLLM_ENGINE_READY_TIMEOUT_S
+    logger.info("vllm-aimer: scoring %s of expert weights before loading %s; start-up "
+                "estimate %.0f s at %s/s (the API server waits "
+                "VLLM_ENGINE_READY_TIMEOUT_S=%d s)", human_bytes(scored),
+                human_bytes(ckpt.total_bytes), seconds, human_bytes(ESTIMATE_BYTES_PER_S),
+                timeout)
+    if seconds > 0.5 * timeout:
+        logger.warning(
+            "vllm-aimer: scoring and loading may take about %.0f s, close to or over "
+            "VLLM_ENGINE_READY_TIMEOUT_S=%d s. Raise VLLM_ENGINE_READY_TIMEOUT_S (the Helm "
+            "chart sets it from its startup probe), or score once offline with `vllm-aimer "
+            "score` and pass plan.", seconds, timeout)
+
+
+class _PlannedLoadWeights:
+    """A pruned model's `load_weights`: weights in the checkpoint's numbering, from a
+    reload or an RL weight sync, pass through the plan the model was built with."""
+
+    def __init__(self, load_weights, plan_map: PlanMap) -> None:
+        self.load_weights = load_weights
+        self.plan_map = plan_map
+
+    def __call__(self, weights: Iterable[tuple[str, torch.Tensor]], *args, **kwargs):
+        return self.load_weights(self.plan_map.apply(weights), *args, **kwargs)
+
+
+def _prune_later_loads(model: nn.Module, plan_map: PlanMap) -> None:
+    # An instance attribute shadows the class's method for every later caller.
+    model.load_weights = _PlannedLoadWeights(model.load_weights, plan_map)
 
 
 def _set_expert_count(model_config: ModelConfig, layout: ExpertLayout, kept: int) -> None:

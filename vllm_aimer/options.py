@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_aimer.errors import AimerError
-from vllm_aimer.plan import check_ratio
+from vllm_aimer.constraints import check_ratio
 
 AIMER_KEYS: tuple[str, ...] = ("prune_ratio", "plan", "plan_out", "plan_cache")
 # Keys vLLM's DefaultModelLoader understands; passed through to it unchanged.

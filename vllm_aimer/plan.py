@@ -4,27 +4,38 @@ A plan is uniform (vLLM builds every MoE layer with one expert count), prunes
 the highest AIMER scores (ties: lower expert id first) and keeps at least top_k
 experts per layer. Plans serialise to the same bytes for the same input, and
 read and write the authors' `pruned_experts.json` so plans move between tools.
+
+Multi-token-prediction (MTP) layers (DeepSeek-V3 / GLM-4.5 `layers.{num_hidden_layers}`)
+are built by vLLM from the same config, so they get the same kept count; their experts
+are chosen by AIMER like a trunk layer's. They are kept apart (`mtp_layers`): they do
+not count towards the ratio, and the authors' format, which never has them, still
+describes a whole plan (the loader scores MTP layers a plan file omits).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
 
+from vllm_aimer.constraints import Router, check_prune_count, prune_count
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import ExpertLayout
+
+__all__ = ["LayerPlan", "Plan", "make_plan", "identity_plan", "with_mtp_layers",
+           "plan_from_pruned_experts", "read_plan", "conform", "scores_csv", "select_pruned",
+           "PLAN_FILE", "PRUNED_EXPERTS_FILE", "SCORES_FILE"]
 
 PLAN_FORMAT = "vllm-aimer.plan/v1"
 PRUNED_EXPERTS_FILE = "pruned_experts.json"
 PLAN_FILE = "plan.json"
 SCORES_FILE = "scores.csv"
+_REMAKE = "make a plan for this checkpoint with `vllm-aimer score MODEL --ratio R --output DIR`."
 
 
 class LayerPlan(BaseModel):
@@ -35,6 +46,9 @@ class LayerPlan(BaseModel):
 
 
 class Plan(BaseModel):
+    """A whole pruning decision; it validates itself on construction and on reading
+    (cache entries and plan files too): kept is the complement of pruned, every layer
+    prunes the same count, groups stay balanced, and the count suits the router."""
     model_config = ConfigDict(frozen=True, extra="forbid")
     format: Literal["vllm-aimer.plan/v1"] = PLAN_FORMAT
     checkpoint: str
@@ -42,17 +56,43 @@ class Plan(BaseModel):
     family: str
     num_experts: int
     top_k: int
+    n_group: int = 1
+    """Expert groups of a group-limited router (1: none)."""
+    topk_group: int = 1
     ratio: float
-    """Pruned experts / routed experts, over all MoE layers."""
+    """Pruned experts / routed experts, over all trunk MoE layers."""
     layers: dict[str, LayerPlan]
-    """Keyed by MoE layer index (as a string, like pruned_experts.json)."""
+    """Trunk MoE layers, keyed by layer index (as a string, like pruned_experts.json)."""
+    mtp_layers: dict[str, LayerPlan] = {}
+    """MTP layers (index >= num_hidden_layers), same count pruned; may be absent."""
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> "Plan":
+        where = (info.context or {}).get("where", "plan") if info is not None else "plan"
+        check_layers(self.router, {**self.layers, **self.mtp_layers}, where)
+        return self
+
+    @property
+    def router(self) -> Router:
+        return Router(self.num_experts, self.top_k, self.n_group, self.topk_group)
 
     @property
     def layer_ids(self) -> list[int]:
         return sorted(int(k) for k in self.layers)
 
+    @property
+    def mtp_layer_ids(self) -> list[int]:
+        return sorted(int(k) for k in self.mtp_layers)
+
     def layer(self, layer: int) -> LayerPlan:
-        return self.layers[str(layer)]
+        """A trunk or MTP layer's plan."""
+        key = str(layer)
+        return self.layers[key] if key in self.layers else self.mtp_layers[key]
+
+    def kept_by_layer(self) -> dict[int, list[int]]:
+        """Kept ids of every layer the weight stream slices (trunk and MTP)."""
+        return {layer: list(self.layer(layer).kept)
+                for layer in self.layer_ids + self.mtp_layer_ids}
 
     @property
     def kept_per_layer(self) -> int:
@@ -64,101 +104,73 @@ class Plan(BaseModel):
 
     @property
     def total_pruned(self) -> int:
+        """Pruned experts of the trunk layers (MTP layers are not counted)."""
         return sum(len(lp.pruned) for lp in self.layers.values())
 
     def pruned_experts(self) -> dict[str, list[int]]:
+        """The authors' `{"<layer>": [pruned ids]}`: trunk layers only, as they write it."""
         return {str(k): list(self.layer(k).pruned) for k in self.layer_ids}
 
     @property
     def plan_hash(self) -> str:
         """Identity of the pruning decision: checkpoint + pruned ids (not scores)."""
-        payload = json.dumps([self.checkpoint, self.pruned_experts()], sort_keys=True)
+        decision: list[Any] = [self.checkpoint, self.pruned_experts()]
+        if self.mtp_layers:
+            decision.append({str(k): self.layer(k).pruned for k in self.mtp_layer_ids})
+        payload = json.dumps(decision, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
         data = self.model_dump(mode="json")
         data["layers"] = {str(k): data["layers"][str(k)] for k in self.layer_ids}
+        if self.mtp_layers:
+            data["mtp_layers"] = {str(k): data["mtp_layers"][str(k)] for k in self.mtp_layer_ids}
+        else:
+            del data["mtp_layers"]
         return json.dumps(data, indent=1) + "\n"
 
 
-def check_ratio(ratio: Any) -> float:
-    """A ratio must be a number in [0, 1)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        raise AimerError(f"prune_ratio must be a number, got {ratio!r} ({type(ratio).__name__}).",
-                         'pass a number, e.g. {"prune_ratio": 0.5}.')
-    if not (math.isfinite(ratio) and 0.0 <= ratio < 1.0):
-        raise AimerError(f"prune_ratio must be in [0, 1), got {ratio}.",
-                         "pass the fraction of routed experts to prune, e.g. 0.25 or 0.5.")
-    return float(ratio)
-
-
-def max_ratio(num_experts: int, top_k: int) -> float:
-    """The largest ratio that still keeps top_k experts in every layer."""
-    return (num_experts - top_k) / num_experts
-
-
-def prune_count(num_layers: int, num_experts: int, top_k: int, ratio: float,
-                n_group: int = 1, topk_group: int = 1) -> int:
-    """Experts pruned per layer: k with k * layers closest to round(ratio * total).
-
-    `round` is Python's (halves to even), as in the authors' code. Ties between two k
-    go to the smaller one (prune less). Fails when fewer than top_k would remain, or
-    (group-limited routers, n_group > 1) when k does not split evenly over the groups
-    or the groups a token may use would hold fewer than top_k kept experts.
-    """
-    ratio = check_ratio(ratio)
-    target = round(ratio * num_layers * num_experts)
-    low = target // num_layers
-    k = low if target - low * num_layers <= (low + 1) * num_layers - target else low + 1
-    if num_experts - k < top_k:
-        limit = max_ratio(num_experts, top_k)
+def check_layers(router: Router, layers: Mapping[str, LayerPlan], where: str) -> None:
+    """Every rule a set of layer plans must satisfy; an AimerError naming the first
+    broken one. Shared by `Plan` (any origin: scoring, cache, file) and plan reading."""
+    E = router.num_experts
+    counts: dict[int, list[str]] = {}
+    for key, lp in layers.items():
+        out_of_range = [i for i in lp.pruned if not 0 <= i < E]
+        if out_of_range:
+            raise AimerError(
+                f"{where} is for a different checkpoint: layer {key} prunes expert "
+                f"id(s) {out_of_range[:5]}, but this checkpoint has experts 0..{E - 1}.", _REMAKE)
+        if len(set(lp.pruned)) != len(lp.pruned):
+            dups = sorted({i for i in lp.pruned if lp.pruned.count(i) > 1})
+            raise AimerError(f"{where}: layer {key} lists expert id(s) {dups} more than once.",
+                             "list each pruned expert once.")
+        pruned = set(lp.pruned)
+        if lp.pruned != sorted(pruned) or lp.kept != [e for e in range(E) if e not in pruned]:
+            raise AimerError(f"{where}: layer {key}'s kept ids are not the complement of its "
+                             "sorted pruned ids.", "regenerate the plan with `vllm-aimer score`.")
+        if lp.scores is not None and len(lp.scores) != E:
+            raise AimerError(f"{where}: layer {key} has {len(lp.scores)} scores for {E} experts.",
+                             "regenerate the plan with `vllm-aimer score`.")
+        counts.setdefault(len(lp.pruned), []).append(key)
+    if len(counts) > 1:
         raise AimerError(
-            f"prune_ratio {ratio} would keep {num_experts - k} of {num_experts} experts per "
-            f"layer, fewer than top_k={top_k} experts each token is routed to.",
-            f"use a prune_ratio of at most {limit:.4g} (keeps {top_k} experts per layer).")
-    check_groups(num_experts, k, top_k, n_group, topk_group, f"prune_ratio {ratio}")
-    return k
-
-
-def group_prune_counts(num_experts: int, top_k: int, n_group: int, topk_group: int) -> list[int]:
-    """Per-layer prune counts k a router accepts, ascending: k a multiple of n_group, and
-    the topk_group groups a token may use still holding top_k kept experts (n_group 1:
-    every k that keeps top_k)."""
-    return [k for k in range(0, num_experts, n_group)
-            if (num_experts - k) // n_group * topk_group >= top_k]
-
-
-def group_ratios(num_experts: int, top_k: int, n_group: int, topk_group: int) -> list[float]:
-    """The ratios k / E of `group_prune_counts`."""
-    return [k / num_experts for k in group_prune_counts(num_experts, top_k, n_group, topk_group)]
-
-
-def check_groups(num_experts: int, k: int, top_k: int, n_group: int, topk_group: int,
-                 what: str) -> None:
-    """Fail when pruning k experts per layer breaks a group-limited router.
-
-    Such a router (DeepSeek-V3 style) splits a layer's experts into n_group contiguous
-    groups of E / n_group, picks topk_group groups per token and top_k experts within
-    them; vLLM derives the group size from the expert count, so every group must lose
-    the same number of experts, and topk_group groups must still hold top_k experts.
-    """
-    if n_group <= 1:
-        return
-    ok = group_ratios(num_experts, top_k, n_group, topk_group)
-    works = ", ".join(f"{r:.4g}" for r in ok)
-    fix = (f"use a prune_ratio that prunes a multiple of {n_group} experts per layer and "
-           f"keeps at least {-(-top_k // topk_group)} per group; ratios that work: {works}.")
-    if k % n_group:
-        raise AimerError(
-            f"{what} would prune {k} of {num_experts} experts per layer, which does not split "
-            f"evenly over the router's {n_group} expert groups (n_group={n_group}); vLLM's "
-            "group-limited router needs groups of equal size.", fix)
-    per_group = (num_experts - k) // n_group
-    if per_group * topk_group < top_k:
-        raise AimerError(
-            f"{what} would keep {per_group} experts in each of {n_group} groups; a token is "
-            f"routed within topk_group={topk_group} groups, so at most {per_group * topk_group} "
-            f"experts could be chosen, fewer than top_k={top_k}.", fix)
+            f"{where} prunes a different number of experts per layer ({sorted(counts)}); "
+            "vLLM builds every MoE layer with one expert count, so plans must be uniform.",
+            "prune the same number of experts in every layer (vllm-aimer score makes uniform plans).")
+    if router.n_group > 1:
+        size = E // router.n_group
+        for key, lp in layers.items():
+            per_group = [sum(1 for e in lp.pruned if e // size == g) for g in range(router.n_group)]
+            if len(set(per_group)) > 1:
+                raise AimerError(
+                    f"{where}: layer {key} prunes {per_group} experts from the router's "
+                    f"{router.n_group} expert groups of {size}; a group-limited router needs "
+                    "the same count pruned from every group.",
+                    "prune the same number of experts from every group (vllm-aimer score "
+                    "makes such plans).")
+    if counts:
+        check_prune_count(router, next(iter(counts)), where)
 
 
 def select_pruned(scores: Sequence[float], k: int, n_group: int = 1) -> list[int]:
@@ -174,122 +186,103 @@ def select_pruned(scores: Sequence[float], k: int, n_group: int = 1) -> list[int
     return sorted(pruned)
 
 
-def ep_balanced_ratios(num_experts: int, top_k: int, ep_size: int) -> list[float]:
-    """Ratios (k / E) whose kept count splits evenly over `ep_size` expert-parallel ranks."""
-    return [k / num_experts for k in range(num_experts - top_k + 1)
-            if (num_experts - k) % ep_size == 0 and num_experts - k >= ep_size]
+def _router(layout: ExpertLayout) -> Router:
+    return Router(layout.num_experts, layout.top_k, layout.n_group, layout.topk_group)
 
 
-def check_expert_parallel(num_experts: int, kept: int, top_k: int, ep_size: int) -> str | None:
-    """Fail when a rank would hold no expert; a warning text when ranks hold unequal counts.
+def _layer_plan(scores: Sequence[float], k: int, n_group: int) -> LayerPlan:
+    s = [float(x) for x in scores]
+    pruned = select_pruned(s, k, n_group)
+    dropped = set(pruned)
+    return LayerPlan(pruned=pruned, kept=[e for e in range(len(s)) if e not in dropped], scores=s)
 
-    vLLM spreads a remainder over the first ranks, so uneven counts work, but the
-    largest rank then sets the memory needed per GPU.
-    """
-    if ep_size <= 1 or kept % ep_size == 0:
-        return None
-    ratio = (num_experts - kept) / num_experts
-    ok = ep_balanced_ratios(num_experts, top_k, ep_size)
-    near = ", ".join(f"{r:.4g}" for r in sorted(ok, key=lambda r: (abs(r - ratio), r))[:3])
-    if kept < ep_size:
-        raise AimerError(
-            f"{kept} kept experts per layer cannot be spread over {ep_size} expert-parallel "
-            "ranks (some rank would hold none).",
-            f"use a prune_ratio that keeps a multiple of {ep_size} experts, e.g. {near}.")
-    return (f"{kept} kept experts per layer do not split evenly over {ep_size} expert-parallel "
-            f"ranks; the largest rank sets the memory per GPU. Balanced ratios nearby: {near}.")
+
+def _plan(layout: ExpertLayout, checkpoint: str, k: int, layers: dict[str, LayerPlan],
+          mtp_layers: dict[str, LayerPlan], where: str = "plan") -> Plan:
+    try:
+        return Plan.model_validate(
+            dict(checkpoint=checkpoint, family=layout.arch.family, num_experts=layout.num_experts,
+                 top_k=layout.top_k, n_group=layout.n_group, topk_group=layout.topk_group,
+                 # The ratio actually pruned (k per layer / experts), which can differ
+                 # from the one requested.
+                 ratio=k / layout.num_experts, layers=layers, mtp_layers=mtp_layers),
+            context={"where": where})
+    except ValidationError as e:
+        raise _aimer_error(e) from None
+
+
+def _aimer_error(e: ValidationError) -> Exception:
+    """The AimerError a validator raised, else the ValidationError itself."""
+    for err in e.errors():
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, AimerError):
+            return inner
+    return e
 
 
 def make_plan(layout: ExpertLayout, scores: Mapping[int, Sequence[float]], ratio: float,
               checkpoint: str) -> Plan:
-    """Prune the k highest-scored experts of every MoE layer (ties: lower id first)."""
-    k = prune_count(len(layout.layers), layout.num_experts, layout.top_k, ratio,
-                    layout.n_group, layout.topk_group)
-    layers: dict[str, LayerPlan] = {}
-    for layer in layout.layers:
-        s = [float(x) for x in scores[layer]]
-        pruned = select_pruned(s, k, layout.n_group)
-        dropped = set(pruned)
-        kept = [e for e in range(len(s)) if e not in dropped]
-        layers[str(layer)] = LayerPlan(pruned=pruned, kept=kept, scores=s)
-    # The ratio actually pruned (k per layer / experts), which can differ from the request.
-    return Plan(checkpoint=checkpoint, family=layout.arch.family, num_experts=layout.num_experts,
-                top_k=layout.top_k, ratio=k / layout.num_experts, layers=layers)
+    """Prune the k highest-scored experts of every MoE layer (ties: lower id first).
+    k comes from the trunk layers; MTP layers (when `scores` has them) lose k too."""
+    k = prune_count(len(layout.layers), _router(layout), ratio)
+    layers = {str(layer): _layer_plan(scores[layer], k, layout.n_group) for layer in layout.layers}
+    mtp = {str(layer): _layer_plan(scores[layer], k, layout.n_group)
+           for layer in layout.mtp_layers if layer in scores}
+    return _plan(layout, checkpoint, k, layers, mtp)
+
+
+def with_mtp_layers(plan: Plan, layout: ExpertLayout,
+                    scores: Mapping[int, Sequence[float]]) -> Plan:
+    """`plan` plus the checkpoint's MTP layers, each losing its own k highest scores."""
+    k = plan.pruned_per_layer
+    mtp = {str(layer): _layer_plan(scores[layer], k, layout.n_group) for layer in layout.mtp_layers}
+    return Plan.model_validate({**plan.model_dump(), "mtp_layers": mtp})
 
 
 def identity_plan(layout: ExpertLayout, checkpoint: str) -> Plan:
     """A plan that prunes nothing (ratio 0)."""
     all_ids = list(range(layout.num_experts))
-    return Plan(checkpoint=checkpoint, family=layout.arch.family, num_experts=layout.num_experts,
-                top_k=layout.top_k, ratio=0.0,
-                layers={str(layer): LayerPlan(pruned=[], kept=all_ids) for layer in layout.layers})
+    keep = {str(layer): LayerPlan(pruned=[], kept=all_ids)
+            for layer in layout.layers}
+    return _plan(layout, checkpoint, 0, keep,
+                 {str(layer): LayerPlan(pruned=[], kept=all_ids) for layer in layout.mtp_layers})
 
 
 def plan_from_pruned_experts(layout: ExpertLayout, pruned: Mapping[str, Any], checkpoint: str,
                              where: str) -> Plan:
-    """A plan from the authors' `{"<layer>": [pruned ids]}` format, fully checked."""
+    """A plan from the authors' `{"<layer>": [pruned ids]}` format, fully checked. It names
+    the trunk MoE layers, optionally followed by the checkpoint's MTP layers."""
+    where = f"plan {where}"
     bad_keys = [k for k in pruned if not re.fullmatch(r"0|[1-9][0-9]*", str(k))]
     if bad_keys:
-        raise AimerError(f"plan {where} has non-integer layer keys {bad_keys[:5]}.",
+        raise AimerError(f"{where} has non-integer layer keys {bad_keys[:5]}.",
                          'a plan maps MoE layer indices to pruned ids: {"0": [3, 7], ...}.')
     have = sorted(int(k) for k in pruned)
-    want = list(layout.layers)
-    if have != want:
+    trunk, mtp = list(layout.layers), list(layout.mtp_layers)
+    if have not in (trunk, trunk + mtp):
         raise AimerError(
-            f"plan {where} is for a different checkpoint: it names {len(have)} MoE layers "
-            f"{_short(have)} but this checkpoint has {len(want)} MoE layers {_short(want)}.",
-            "make a plan for this checkpoint with `vllm-aimer score MODEL --ratio R --output DIR`.")
-    layers: dict[str, LayerPlan] = {}
-    counts = set()
-    for layer in want:
+            f"{where} is for a different checkpoint: it names {len(have)} MoE layers "
+            f"{_short(have)} but this checkpoint has {len(trunk)} MoE layers {_short(trunk)}"
+            + (f" (and MTP layers {mtp})" if mtp else "") + ".", _REMAKE)
+    layers: dict[str, dict[str, LayerPlan]] = {"trunk": {}, "mtp": {}}
+    for layer in have:
         ids = pruned[str(layer)] if str(layer) in pruned else pruned[layer]  # type: ignore[index]
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise AimerError(f"plan {where}: layer {layer} must list integer expert ids, got {ids!r}.",
+            raise AimerError(f"{where}: layer {layer} must list integer expert ids, got {ids!r}.",
                              'write pruned ids as a JSON list, e.g. "0": [3, 7].')
-        out_of_range = [i for i in ids if not 0 <= i < layout.num_experts]
-        if out_of_range:
-            raise AimerError(
-                f"plan {where} is for a different checkpoint: layer {layer} prunes expert "
-                f"id(s) {out_of_range[:5]}, but this checkpoint has experts 0..{layout.num_experts - 1}.",
-                "make a plan for this checkpoint with `vllm-aimer score MODEL --ratio R --output DIR`.")
-        if len(set(ids)) != len(ids):
-            dups = sorted({i for i in ids if ids.count(i) > 1})
-            raise AimerError(f"plan {where}: layer {layer} lists expert id(s) {dups} more than once.",
-                             "list each pruned expert once.")
-        counts.add(len(ids))
-        kept = [e for e in range(layout.num_experts) if e not in set(ids)]
-        layers[str(layer)] = LayerPlan(pruned=sorted(ids), kept=kept)
-    if len(counts) > 1:
-        raise AimerError(
-            f"plan {where} prunes a different number of experts per layer ({sorted(counts)}); "
-            "vLLM builds every MoE layer with one expert count, so plans must be uniform.",
-            "prune the same number of experts in every layer (vllm-aimer score makes uniform plans).")
-    k = counts.pop() if counts else 0
-    if layout.n_group > 1:
-        size = layout.num_experts // layout.n_group
-        for layer in want:
-            per_group = [sum(1 for e in layers[str(layer)].pruned if e // size == g)
-                         for g in range(layout.n_group)]
-            if len(set(per_group)) > 1:
-                raise AimerError(
-                    f"plan {where}: layer {layer} prunes {per_group} experts from the router's "
-                    f"{layout.n_group} expert groups of {size}; a group-limited router needs "
-                    "the same count pruned from every group.",
-                    "prune the same number of experts from every group (vllm-aimer score "
-                    "makes such plans).")
-        check_groups(layout.num_experts, k, layout.top_k, layout.n_group, layout.topk_group,
-                     f"plan {where}")
-    if layout.num_experts - k < layout.top_k:
-        raise AimerError(
-            f"plan {where} keeps {layout.num_experts - k} experts per layer, fewer than "
-            f"top_k={layout.top_k}.",
-            f"prune at most {layout.num_experts - layout.top_k} experts per layer.")
-    return Plan(checkpoint=checkpoint, family=layout.arch.family, num_experts=layout.num_experts,
-                top_k=layout.top_k, ratio=k / layout.num_experts, layers=layers)
+        dropped = set(ids)
+        kept = [e for e in range(layout.num_experts) if e not in dropped]
+        part = "mtp" if layer in mtp else "trunk"
+        # Unsorted or duplicated ids are reported by the plan's own checks.
+        layers[part][str(layer)] = LayerPlan(
+            pruned=sorted(ids) if len(dropped) == len(ids) else ids, kept=kept)
+    k = len(next(iter(layers["trunk"].values())).pruned) if layers["trunk"] else 0
+    return _plan(layout, checkpoint, k, layers["trunk"], layers["mtp"], where)
 
 
 def read_plan(path: str | Path, layout: ExpertLayout, checkpoint: str) -> Plan:
-    """Read a plan.json (ours) or pruned_experts.json (the authors'), or a directory with one."""
+    """Read a plan.json (ours) or pruned_experts.json (the authors'), or a directory with
+    one. The result may lack the checkpoint's MTP layers (see `with_mtp_layers`)."""
     p = Path(path)
     if p.is_dir():
         found = [p / n for n in (PLAN_FILE, PRUNED_EXPERTS_FILE) if (p / n).is_file()]
@@ -317,19 +310,33 @@ def read_plan(path: str | Path, layout: ExpertLayout, checkpoint: str) -> Plan:
     if "format" not in data:
         return plan_from_pruned_experts(layout, data, checkpoint, str(p))
     try:
-        plan = Plan.model_validate(data)
-    except ValueError as e:
+        plan = Plan.model_validate(data, context={"where": f"plan file {str(p)!r}"})
+    except ValidationError as e:
+        inner = _aimer_error(e)
+        if isinstance(inner, AimerError):
+            raise inner from None
         raise AimerError(f"plan file {str(p)!r} is not a valid {PLAN_FORMAT} plan ({e}).",
                          "regenerate it with `vllm-aimer score`.") from None
     if plan.checkpoint != checkpoint:
         raise AimerError(
             f"plan file {str(p)!r} was made for a different checkpoint (fingerprint "
-            f"{plan.checkpoint[:12]}…, this checkpoint is {checkpoint[:12]}…).",
-            "make a plan for this checkpoint with `vllm-aimer score MODEL --ratio R --output DIR`.")
-    checked = plan_from_pruned_experts(layout, plan.pruned_experts(), checkpoint, str(p))
-    return plan.model_copy(update={"layers": {k: LayerPlan(pruned=v.pruned, kept=v.kept,
-                                                           scores=plan.layers[k].scores)
-                                              for k, v in checked.layers.items()}})
+            f"{plan.checkpoint[:12]}…, this checkpoint is {checkpoint[:12]}…).", _REMAKE)
+    return conform(plan, layout, f"plan file {str(p)!r}")
+
+
+def conform(plan: Plan, layout: ExpertLayout, where: str = "plan") -> Plan:
+    """`plan` checked against this checkpoint's layers and router (as a plan file is),
+    with its scores and ratio kept; for plans from files and from the plan cache."""
+    named = {**plan.pruned_experts(),
+             **{str(k): plan.layer(k).pruned for k in plan.mtp_layer_ids}}
+    checked = plan_from_pruned_experts(layout, named, plan.checkpoint, where.removeprefix("plan "))
+
+    def with_scores(part: dict[str, LayerPlan]) -> dict[str, dict[str, Any]]:
+        return {k: {**v.model_dump(), "scores": plan.layer(int(k)).scores} for k, v in part.items()}
+
+    data = {**checked.model_dump(), "layers": with_scores(checked.layers),
+            "mtp_layers": with_scores(checked.mtp_layers), "ratio": plan.ratio}
+    return Plan.model_validate(data, context={"where": where})
 
 
 def scores_csv(plan: Plan) -> str:

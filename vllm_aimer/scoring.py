@@ -150,12 +150,15 @@ def score_checkpoint(
     layout: ExpertLayout,
     chunk_elements: int = CHUNK_ELEMENTS,
     progress: bool = True,
+    layers: Iterable[int] | None = None,
 ) -> ScoringResult:
-    """Score every routed expert of every MoE layer; reads only expert weights."""
+    """Score every routed expert of every MoE layer (trunk and MTP), or of `layers`
+    only; reads only expert weights."""
     start = time.perf_counter()
-    sums = {layer: [_Sums() for _ in range(layout.num_experts)] for layer in layout.layers}
+    wanted = tuple(layout.all_layers if layers is None else layers)
+    sums = {layer: [_Sums() for _ in range(layout.num_experts)] for layer in wanted}
     by_file: dict[str, list] = {}
-    for layer in layout.layers:
+    for layer in wanted:
         for st in layout.scored[layer]:
             by_file.setdefault(st.info.file, []).append((layer, st))
     total = sum(st.info.nbytes for items in by_file.values() for _, st in items)
@@ -205,5 +208,5 @@ def score_checkpoint(
                     bar.update(st.info.nbytes)
     finally:
         bar.close()
-    scores = {layer: [s.score() for s in sums[layer]] for layer in layout.layers}
+    scores = {layer: [s.score() for s in sums[layer]] for layer in wanted}
     return ScoringResult(scores, time.perf_counter() - start, bytes_read)

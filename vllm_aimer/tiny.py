@@ -143,7 +143,7 @@ def build_tiny_moe(directory: str | Path, family: str = "qwen3_moe", *, num_laye
                    num_experts: int = 16, top_k: int = 2, seed: int = 0,
                    dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
                    fused: bool = False, fp8_block: tuple[int, int] | None = None,
-                   mxfp4: bool = False) -> Path:
+                   mxfp4: bool = False, mtp_layers: int = 0) -> Path:
     """Write a tiny random MoE checkpoint with a tokenizer to `directory`.
 
     fused: per-expert families rewritten with fused `experts.gate_up_proj` [E, 2I, H]
@@ -152,6 +152,8 @@ def build_tiny_moe(directory: str | Path, family: str = "qwen3_moe", *, num_laye
     `*.weight_scale_inv` per (rows, columns) block, as DeepSeek-V3 / Qwen3-FP8 do.
     mxfp4 (gpt_oss): store expert weights as MXFP4 `*_blocks` / `*_scales`, as the
     gpt-oss releases do.
+    mtp_layers (deepseek_v3, glm4_moe): append that many multi-token-prediction layers
+    at `model.layers.{num_layers + i}`, as DeepSeek-V3 and GLM-4.5 releases do.
     """
     import transformers
 
@@ -185,6 +187,8 @@ def build_tiny_moe(directory: str | Path, family: str = "qwen3_moe", *, num_laye
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
     build_tokenizer(directory, vocab)
+    if mtp_layers:
+        add_mtp_layers(directory, num_layers, mtp_layers, num_experts, seed)
     if fused:
         fuse_experts(directory, family)
     if fp8_block:
@@ -208,6 +212,52 @@ def _rewrite_tensors(directory: Path, transform: Callable[[dict[str, torch.Tenso
         f.unlink()
     (directory / "model.safetensors.index.json").unlink(missing_ok=True)
     save_file(out, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def add_mtp_layers(directory: Path, num_layers: int, count: int, num_experts: int,
+                   seed: int) -> None:
+    """Append `count` MTP layers in DeepSeek-V3's layout (vLLM's deepseek_mtp.py and
+    glm4_moe_mtp.py read them): layer `num_layers + i` is a copy of the last decoder
+    layer with routed experts drawn afresh (their own shuffled alphas, so AIMER gives
+    them their own plan), plus `enorm`, `hnorm`, `eh_proj [H, 2H]`, `shared_head.norm`,
+    `shared_head.head` (the LM head) and `embed_tokens`, and sets
+    `num_nextn_predict_layers` in config.json."""
+    import re
+
+    alphas = expert_alphas(num_layers + count, num_experts, seed)
+    g = torch.Generator().manual_seed(seed + 3)
+    last = f"model.layers.{num_layers - 1}."
+    expert_re = re.compile(r"\.mlp\.experts\.(\d+)\.")
+
+    def transform(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(tensors)
+        hidden = tensors["model.embed_tokens.weight"].shape[1]
+        for i in range(count):
+            layer = num_layers + i
+            prefix = f"model.layers.{layer}."
+            for name, t in tensors.items():
+                if not name.startswith(last):
+                    continue
+                new = prefix + name[len(last):]
+                m = expert_re.search(new)
+                if m:
+                    u = torch.randn(t.shape, generator=g)
+                    w = u.sign() * u.abs().pow(alphas[layer][int(m[1])])
+                    out[new] = (0.05 * w / w.std()).to(t.dtype)
+                else:
+                    out[new] = (t + 0.01 * torch.randn(t.shape, generator=g)).to(t.dtype)
+            dtype = tensors["model.embed_tokens.weight"].dtype
+            out[prefix + "enorm.weight"] = torch.ones(hidden, dtype=dtype)
+            out[prefix + "hnorm.weight"] = torch.ones(hidden, dtype=dtype)
+            out[prefix + "eh_proj.weight"] = (
+                0.05 * torch.randn(hidden, 2 * hidden, generator=g)).to(dtype)
+            out[prefix + "shared_head.norm.weight"] = torch.ones(hidden, dtype=dtype)
+            out[prefix + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+            out[prefix + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+        return out
+
+    _rewrite_tensors(directory, transform)
+    _update_config(directory, num_nextn_predict_layers=count)
 
 
 def _update_config(directory: Path, **values: Any) -> None:

@@ -9,13 +9,14 @@ and that filter is applied afterwards in the new id space.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
 
 from vllm_aimer.checkpoint import Checkpoint
+from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import ExpertLayout
 from vllm_aimer.plan import Plan
 
@@ -39,16 +40,87 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+class PlanMap:
+    """How a plan changes each checkpoint tensor name, in the checkpoint's numbering:
+    a pruned expert's tensor is dropped, a kept one renamed to its new id, a fused
+    all-experts or router tensor sliced to the kept rows, anything else untouched."""
+
+    def __init__(self, layout: ExpertLayout, plan: Plan) -> None:
+        self.arch = layout.arch
+        self.num_experts = layout.num_experts
+        self.kept = plan.kept_by_layer()
+        self.new_id = {layer: {old: new for new, old in enumerate(kept)}
+                       for layer, kept in self.kept.items()}
+
+    def expert(self, name: str) -> tuple[bool, str | None]:
+        """(whether `name` is a routed expert's tensor in a planned layer, its new name
+        or None when that expert is pruned)."""
+        hit = self.arch.match_expert(name)
+        if hit is None or hit[0] not in self.kept:
+            return False, None
+        new = self.new_id[hit[0]].get(hit[1])
+        return True, (None if new is None else self.arch.rename_expert(name, new))
+
+    def fused_rows(self, name: str) -> list[int] | None:
+        """Kept rows (dim 0) of a fused all-experts tensor, else None."""
+        fused = self.arch.match_fused(name)
+        return self.kept[fused[0]] if fused is not None and fused[0] in self.kept else None
+
+    def router_rows(self, name: str) -> tuple[list[int], int] | None:
+        """(kept rows, dimension) of a router tensor indexed by expert, else None."""
+        layer = self.arch.match_router(name)
+        if layer is None or layer not in self.kept:
+            return None
+        return self.kept[layer], self.arch.router_dim(name)
+
+    def apply(self, weights: Iterable[tuple[str, torch.Tensor]]
+              ) -> Iterator[tuple[str, torch.Tensor]]:
+        """`weights` in the checkpoint's numbering (E experts), as the pruned model
+        takes them: what weight reloads and RL weight sync hand a pruned model.
+        A tensor already cut to another count is refused: its experts cannot be told
+        apart from the checkpoint's."""
+        for name, tensor in weights:
+            hit = self.arch.match_expert(name)
+            if hit is not None and hit[1] >= self.num_experts:
+                raise AimerError(
+                    f"weight {name} handed to the pruned model names expert {hit[1]}, but the "
+                    f"checkpoint it was pruned from has {self.num_experts} experts per layer.",
+                    "send weights of the checkpoint the model was loaded from (same "
+                    "architecture and expert count).")
+            is_expert, new_name = self.expert(name)
+            if is_expert:
+                if new_name is not None:
+                    yield new_name, tensor
+                continue
+            rows = self.fused_rows(name)
+            dim = 0
+            if rows is None:
+                router = self.router_rows(name)
+                if router is not None:
+                    rows, dim = router
+            if rows is None:
+                yield name, tensor
+                continue
+            if tensor.dim() <= dim or tensor.shape[dim] != self.num_experts:
+                raise AimerError(
+                    f"weight {name} {list(tensor.shape)} handed to the pruned model does not "
+                    f"have the checkpoint's {self.num_experts} experts on dim {dim}; a model "
+                    "pruned at load takes new weights in the original checkpoint's expert "
+                    "numbering and prunes them with its plan.",
+                    "send the full (unpruned) weights, or serve a model exported with the new "
+                    "expert count without --load-format aimer.")
+            index = torch.tensor(rows, dtype=torch.long, device=tensor.device)
+            yield name, tensor.index_select(dim, index).contiguous()
+
+
 class PrunedWeights:
-    """Iterates (name, tensor) of a checkpoint with a plan applied."""
+    """Iterates (name, tensor) of a checkpoint with a plan applied, reading only what
+    the pruned model keeps."""
 
     def __init__(self, ckpt: Checkpoint, layout: ExpertLayout, plan: Plan) -> None:
         self.ckpt = ckpt
-        self.arch = layout.arch
+        self.map = PlanMap(layout, plan)
         self.num_experts = layout.num_experts
-        self.kept = {layer: plan.layer(layer).kept for layer in plan.layer_ids}
-        self.new_id = {layer: {old: new for new, old in enumerate(kept)}
-                       for layer, kept in self.kept.items()}
         self.stats = LoadStats()
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -69,22 +141,18 @@ class PrunedWeights:
 
     def _load(self, f, name: str, skip: Callable[[str], bool] | None) -> tuple[str, torch.Tensor] | None:
         info = self.ckpt.tensors[name]
-        hit = self.arch.match_expert(name)
-        if hit is not None and hit[0] in self.kept:
-            layer, old, _ = hit
-            new = self.new_id[layer].get(old)
-            if new is None:
+        is_expert, new_name = self.map.expert(name)
+        if is_expert:
+            if new_name is None:
                 self.stats.expert_bytes_skipped += info.nbytes
                 return None
-            new_name = self.arch.rename_expert(name, new)
             if skip is not None and skip(new_name):
                 return None
             self.stats.expert_bytes_loaded += info.nbytes
             return new_name, self._read(f, name)
 
-        fused = self.arch.match_fused(name)
-        if fused is not None and fused[0] in self.kept:
-            kept = self.kept[fused[0]]
+        kept = self.map.fused_rows(name)
+        if kept is not None:
             share = info.nbytes // self.num_experts
             self.stats.expert_bytes_loaded += share * len(kept)
             self.stats.expert_bytes_skipped += share * (self.num_experts - len(kept))
@@ -93,11 +161,11 @@ class PrunedWeights:
             parts = [sl[a:b] for a, b in _runs(kept)]
             return name, parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-        layer = self.arch.match_router(name)
-        if layer is not None and layer in self.kept:
-            kept = torch.tensor(self.kept[layer], dtype=torch.long)
-            dim = self.arch.router_dim(name)
-            return name, self._read(f, name).index_select(dim, kept).contiguous()
+        router = self.map.router_rows(name)
+        if router is not None:
+            rows, dim = router
+            index = torch.tensor(rows, dtype=torch.long)
+            return name, self._read(f, name).index_select(dim, index).contiguous()
 
         if skip is not None and skip(name):
             return None

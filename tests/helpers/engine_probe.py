@@ -49,7 +49,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.helpers.inspect_model import expert_maps, expert_shapes, param_digests
+    from tests.helpers.inspect_model import (drafter_expert_shapes, expert_maps, expert_shapes,
+                                             param_digests)
 
     kwargs = dict(model=spec["model"], dtype="float32", max_model_len=256, max_num_seqs=4,
                   enforce_eager=True, max_logprobs=20, seed=0)
@@ -57,19 +58,48 @@ def main() -> None:
         kwargs.update(load_format="aimer", model_loader_extra_config=spec["extra"])
     kwargs.update(spec.get("engine", {}))
     llm = LLM(**kwargs)
-    logprobs = []
-    if spec.get("prompts"):
+
+    def next_token_logprobs() -> list[dict[str, float]]:
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
         outs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params)
-        logprobs = [{str(tok): lp.logprob for tok, lp in o.outputs[0].logprobs[0].items()}
-                    for o in outs]
+        return [{str(tok): lp.logprob for tok, lp in o.outputs[0].logprobs[0].items()}
+                for o in outs]
+
+    result: dict = {"logprobs": next_token_logprobs() if spec.get("prompts") else []}
+    if spec.get("digests"):
+        result["digests"] = llm.apply_model(param_digests)[0]
+    if spec.get("generate"):
+        params = SamplingParams(max_tokens=spec["generate"], temperature=0.0, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params)
+        result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+    if spec.get("drafter"):
+        result["drafter_shapes"] = llm.collective_rpc(drafter_expert_shapes)
+    if spec.get("reload"):
+        # vLLM's own reload path: a fresh loader of the same load format, from disk.
+        llm.collective_rpc("reload_weights")
+        result["logprobs_after_reload"] = next_token_logprobs()
+        result["digests_after_reload"] = llm.apply_model(param_digests)[0]
+    if spec.get("reload_weights_from"):
+        # As an RL trainer syncs weights: tensors in the checkpoint's own numbering,
+        # handed to the worker (in-process engines only: tensors are not serialised).
+        from safetensors.torch import load_file
+        weights = {}
+        for f in sorted(Path(spec["reload_weights_from"]).glob("*.safetensors")):
+            weights.update(load_file(f))
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
+        result["logprobs_after_sync"] = next_token_logprobs()
+        result["digests_after_sync"] = llm.apply_model(param_digests)[0]
+        if spec.get("reload_cut_router"):
+            cut = [(n, t[:2] if n.endswith("mlp.gate.weight") else t) for n, t in weights.items()]
+            try:
+                llm.collective_rpc("reload_weights", kwargs={"weights_iterator": cut})
+                result["cut_router_error"] = None
+            except Exception as e:  # the message is what the test checks
+                result["cut_router_error"] = str(e)
     # apply_model answers once per worker (rank).
     shapes = llm.apply_model(expert_shapes)
-    maps = llm.apply_model(expert_maps)
-    digests = llm.apply_model(param_digests)[0] if spec.get("digests") else None
-    print("PROBE-RESULT " + json.dumps({"logprobs": logprobs, "shapes": shapes[0],
-                                        "rank_shapes": shapes, "expert_maps": maps,
-                                        "digests": digests}), flush=True)
+    result.update(shapes=shapes[0], rank_shapes=shapes, expert_maps=llm.apply_model(expert_maps))
+    print("PROBE-RESULT " + json.dumps(result), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -33,6 +33,15 @@ def param_digests(model) -> dict[str, str]:
     out = {}
     for kind, items in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in items:
+            if t.is_meta:  # vLLM's layerwise reload leaves some on the meta device
+                out[f"{kind}:{name}"] = f"{t.dtype}{list(t.shape)}:meta"
+                continue
             data = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
             out[f"{kind}:{name}"] = f"{t.dtype}{list(t.shape)}:" + hashlib.sha256(data).hexdigest()
     return out
+
+
+def drafter_expert_shapes(worker) -> dict[str, list[int]]:
+    """Expert shapes of the speculative-decoding draft model (collective_rpc: runs on
+    each worker, which holds the drafter next to the target model)."""
+    return expert_shapes(worker.model_runner.drafter.model)
