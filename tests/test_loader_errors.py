@@ -42,15 +42,19 @@ def built(monkeypatch):
     return calls
 
 
-def load(model: Path, extra) -> None:
+def load(model: Path, extra, tweak=None, **engine) -> None:
+    """Load through vLLM's own loader lookup; `tweak(cfg)` edits the engine config first
+    (for settings vLLM's CPU build refuses to create, see the tests that use it)."""
     cfg = EngineArgs(model=str(model), load_format="aimer", dtype="float32", max_model_len=256,
-                     model_loader_extra_config=extra).create_engine_config()
+                     model_loader_extra_config=extra, **engine).create_engine_config()
+    if tweak is not None:
+        tweak(cfg)
     get_model_loader(cfg.load_config).load_model(cfg, cfg.model_config)
 
 
-def expect_error(model: Path, extra, *needles: str, built=None) -> str:
+def expect_error(model: Path, extra, *needles: str, built=None, tweak=None, **engine) -> str:
     with pytest.raises(AimerError) as info:
-        load(model, extra)
+        load(model, extra, tweak, **engine)
     message = str(info.value)
     for needle in needles:
         assert needle in message, message
@@ -180,3 +184,102 @@ def test_unwritable_plan_out(olmoe, built, tmp_path):
     blocker.write_text("x")
     expect_error(olmoe, {"prune_ratio": 0.5, "plan_out": str(blocker / "plan")},
                  "plan_out", "not writable", built=built)
+
+
+# --------------------------------------------------------------------------- deployments
+# GPU-only settings cannot be created by vLLM's CPU build, so these tests set them on a
+# real engine config after it is built (`tweak`), or stub the platform's answers; each
+# says so. The loader's decision is what they check, before any weight is read.
+
+
+def test_eplb_is_refused_with_pruning(olmoe, built, tmp_path):
+    def eplb(cfg):  # stand-in: --enable-eplb needs CUDA
+        cfg.parallel_config.enable_eplb = True
+
+    out = tmp_path / "plan"
+    expect_error(olmoe, {"prune_ratio": 0.5, "plan_out": str(out)}, "--enable-eplb",
+                 "without --enable-eplb", built=built, tweak=eplb)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("backend, refused", [("sparse_nccl", True), ("nccl_m2n", True),
+                                              ("nccl", False)])
+def test_weight_transfer_backends_that_bypass_load_weights_are_refused(olmoe, built, backend,
+                                                                      refused):
+    from vllm.config.weight_transfer import WeightTransferConfig
+
+    def transfer(cfg):  # stand-in: RL weight transfer needs NCCL and GPUs
+        cfg.weight_transfer_config = WeightTransferConfig(backend=backend)
+
+    if refused:
+        expect_error(olmoe, {"prune_ratio": 0.5}, f"backend {backend!r}", "'nccl' or 'ipc'",
+                     built=built, tweak=transfer)
+    else:  # accepted: the load goes on and fails later for a reason of our making
+        expect_error(olmoe, {"prune_ratio": 0.95}, "fewer than top_k", built=built,
+                     tweak=transfer)
+
+
+def test_an_mtp_draft_with_another_load_format_is_refused(tiny_checkpoint, built):
+    from vllm.config.load import LoadConfig
+
+    model = tiny_checkpoint("deepseek_v3", mtp_layers=1)
+
+    def draft_load(cfg):
+        cfg.speculative_config.draft_load_config = LoadConfig(load_format="safetensors")
+
+    expect_error(model, {"prune_ratio": 0.5}, "MTP draft", "'safetensors'", built=built,
+                 tweak=draft_load,
+                 speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+
+
+@pytest.fixture
+def blackwell(monkeypatch):
+    """Stub: vLLM's platform answers as on a B200 (compute capability 10.0). Only the
+    two questions the loader asks are stubbed, after the engine config is built."""
+    from vllm.platforms import current_platform
+
+    def on(cfg):
+        monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+        monkeypatch.setattr(current_platform, "is_device_capability_family",
+                            lambda capability, device_id=0: capability == 100)
+    return on
+
+
+def test_blackwell_kernel_limits_refuse_before_scoring(olmoe, built, blackwell, tmp_path):
+    """16 experts, top_k 2: ratio 0.375 keeps 10, which FlashInfer's TRT-LLM MoE kernels
+    on Blackwell reject (a multiple of 4 is needed); 0.5 keeps 8 and passes the check."""
+    msg = expect_error(olmoe, {"prune_ratio": 0.375, "plan_cache": False}, "multiple of 4",
+                       "Blackwell", built=built, tweak=blackwell)
+    assert "nearest: 0, 0.25, 0.5." in msg
+    # 14 pruned keeps 2 = top_k: fine on the CPU, but those kernels need more than top_k.
+    expect_error(olmoe, {"prune_ratio": 0.875}, "more than top_k=2", built=built, tweak=blackwell)
+
+
+def test_blackwell_limits_apply_to_plan_files_too(olmoe, built, blackwell, tmp_path):
+    plan = {str(layer): list(range(6)) for layer in range(4)}
+    expect_error(olmoe, {"plan": _plan_file(tmp_path, plan)}, "keep 10 experts per layer",
+                 "multiple of 4", built=built, tweak=blackwell)
+
+
+def test_the_start_up_estimate_warns_near_the_engine_timeout(olmoe, monkeypatch, caplog):
+    """Scoring runs inside engine start-up, which vLLM's API server waits
+    VLLM_ENGINE_READY_TIMEOUT_S for: the loader says what it expects before scoring."""
+    import logging
+
+    from vllm_aimer.checkpoint import open_checkpoint
+    from vllm_aimer.layout import expert_layout
+    from vllm_aimer.loader import _log_estimate, logger
+
+    ckpt = open_checkpoint(olmoe)
+    layout = expert_layout(ckpt)
+    monkeypatch.setattr(logger, "propagate", True)
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        _log_estimate(layout, layout.all_layers, ckpt)
+    assert "VLLM_ENGINE_READY_TIMEOUT_S=600" in caplog.text and "start-up estimate" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    caplog.clear()
+    monkeypatch.setenv("VLLM_ENGINE_READY_TIMEOUT_S", "0")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        _log_estimate(layout, layout.all_layers, ckpt)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings and "Raise VLLM_ENGINE_READY_TIMEOUT_S" in warnings[0]

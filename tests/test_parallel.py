@@ -62,3 +62,25 @@ def test_expert_parallel_places_kept_experts_in_the_new_id_space(tiny_checkpoint
     for layer in maps[0]:
         assert maps[0][layer] == [0, 1, 2, 3, -1, -1, -1, -1]
         assert maps[1][layer] == [-1, -1, -1, -1, 0, 1, 2, 3]
+
+
+def test_ranks_that_disagree_on_the_plan_refuse_to_serve(tiny_checkpoint, tmp_path):
+    """Two TP ranks without a shared plan cache score on their own; rank 1's scores are
+    perturbed (tests/helpers/perturb_rank: a stand-in for float rounding on another
+    CPU ordering a near-tie differently). The ranks compare plan hashes during load
+    and fail, naming the fix, instead of serving a mix of two expert sets."""
+    from pathlib import Path
+
+    model = tiny_checkpoint("qwen3_moe")
+    here = Path(__file__).parent / "helpers" / "perturb_rank"
+    env = _env(tmp_path) | {"AIMER_TEST_PERTURB_RANK": "1",
+                            "PYTHONPATH": f"{here}:{os.environ.get('PYTHONPATH', '')}"}
+    with pytest.raises(AssertionError, match="engine probe failed"):
+        run_probe({"model": str(model), "prompts": PROMPTS,
+                   "extra": {"prune_ratio": 0.5, "plan_cache": False},
+                   "engine": {"tensor_parallel_size": 2}}, env=env)
+    # The loader's error, as `vllm serve` repeats it as its last line (report.write_error).
+    error = (tmp_path / "state" / "error.txt").read_text()
+    assert "ranks chose different experts to prune" in error
+    assert "rank 0:" in error and "rank 1:" in error and "plan_cache" in error
+    assert not (tmp_path / "state" / "report-rank0.json").exists()

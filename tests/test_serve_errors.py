@@ -32,7 +32,15 @@ CASES: dict[str, tuple[dict | str | None, tuple[str, ...]]] = {
     "unknown_key": ({"prune_ratio": 0.5, "ratio": 0.5}, ("unknown", "'ratio'", "valid keys are")),
     "plan_out_unwritable": ({"prune_ratio": 0.5, "plan_out": "BLOCKED"}, ("not writable", "Fix:")),
     "dense_model": ({"prune_ratio": 0.5}, ("'llama' is not a supported", "qwen3_moe, olmoe, mixtral")),
+    # 16 experts, ratio 7/16: 9 kept do not split over 2 EP ranks (vLLM would put 5 and 4,
+    # which its GPU kernels would read as two windows of 4: wrong experts).
+    "ep_uneven": ({"prune_ratio": 0.4375}, ("keep 9 experts per layer, which do not split "
+                                            "evenly over 2 expert-parallel ranks",
+                                            "nearest: 0.375, 0.5")),
 }
+# Cases that need more than the extra config: vLLM arguments and environment.
+MORE_ARGS = {"ep_uneven": ["--tensor-parallel-size", "2", "--enable-expert-parallel"]}
+MORE_ENV = {"ep_uneven": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}}
 
 
 def _materialise(extra, root: Path, other_plan: Path):
@@ -71,8 +79,10 @@ def outcomes(tiny_checkpoint, tmp_path_factory):
         if name not in ("plan_out_unwritable", "bad_json"):
             value = json.dumps({**json.loads(value), "plan_out": str(plan_out)})
         args = ["--load-format", "aimer", "--model-loader-extra-config", value,
-                "--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]
-        server = ServerProcess(dense if name == "dense_model" else model, args, root / name)
+                "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
+                *MORE_ARGS.get(name, [])]
+        server = ServerProcess(dense if name == "dense_model" else model, args, root / name,
+                               env=MORE_ENV.get(name))
         with server:
             rc = server.wait_exit(timeout=400)
             log = server.log()

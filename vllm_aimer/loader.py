@@ -101,14 +101,14 @@ class AimerModelLoader(DefaultModelLoader):
         ckpt = open_checkpoint(folder)
         layout = expert_layout(ckpt)
         deployment = _deployment(vllm_config)
+        if self.options.plan is not None or self.options.prune_ratio:
+            _refuse_unproven(vllm_config)
         plan_out = (ensure_writable_dir(self.options.plan_out, "plan_out")
                     if self.options.plan_out and not is_draft else None)
         if is_draft and ckpt.fingerprint in _PLANS:
             plan, source, seconds = _PLANS[ckpt.fingerprint], "target", 0.0
         else:
             plan, source, seconds = self._make_plan(ckpt, layout, deployment)
-        if plan.total_pruned:
-            _check_deployment(vllm_config, plan, deployment)
         _check_ranks_agree(plan)
         _PLANS[ckpt.fingerprint] = plan
         if plan.total_pruned:
@@ -225,9 +225,9 @@ def _deployment(vllm_config: VllmConfig) -> Deployment:
     return Deployment(ep_size=ep_size, gpu=Gpu.BLACKWELL if blackwell else Gpu.ANY)
 
 
-def _check_deployment(vllm_config: VllmConfig, plan: Plan, deployment: Deployment) -> None:
-    """Refuse what a pruned model cannot be proven to serve correctly."""
-    check_prune_count(plan.router, plan.pruned_per_layer, "this plan", deployment)
+def _refuse_unproven(vllm_config: VllmConfig) -> None:
+    """Refuse, before anything is read, what a pruned model cannot be proven to serve
+    correctly (the kept count itself is checked against `_deployment` in _make_plan)."""
     parallel = vllm_config.parallel_config
     if parallel.enable_eplb:
         raise AimerError(

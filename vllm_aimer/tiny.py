@@ -34,7 +34,8 @@ _CORPUS = [
 ]
 
 
-def _config(family: str, num_layers: int, num_experts: int, top_k: int, vocab: int) -> Any:
+def _config(family: str, num_layers: int, num_experts: int, top_k: int, vocab: int,
+            kv_lora_rank: int = 256) -> Any:
     import transformers
 
     common: dict[str, Any] = dict(
@@ -54,7 +55,7 @@ def _config(family: str, num_layers: int, num_experts: int, top_k: int, vocab: i
         # MLA attention (vLLM's MLA backends need kv_lora_rank + qk_rope_head_dim in
         # {320, 512, 576}), a dense first layer, one shared expert, and a group-limited
         # router: 4 groups of 4 experts, tokens routed within 2 groups.
-        mla = dict(kv_lora_rank=256, q_lora_rank=None, qk_rope_head_dim=64,
+        mla = dict(kv_lora_rank=kv_lora_rank, q_lora_rank=None, qk_rope_head_dim=64,
                    qk_nope_head_dim=32, v_head_dim=32)
         # MLA has no grouped KV heads (transformers needs kv heads == heads).
         kw = {k: v for k, v in common.items() if k != "head_dim"} | {"num_key_value_heads": 2}
@@ -143,7 +144,8 @@ def build_tiny_moe(directory: str | Path, family: str = "qwen3_moe", *, num_laye
                    num_experts: int = 16, top_k: int = 2, seed: int = 0,
                    dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
                    fused: bool = False, fp8_block: tuple[int, int] | None = None,
-                   mxfp4: bool = False, mtp_layers: int = 0) -> Path:
+                   mxfp4: bool = False, mtp_layers: int = 0,
+                   kv_lora_rank: int | None = None) -> Path:
     """Write a tiny random MoE checkpoint with a tokenizer to `directory`.
 
     fused: per-expert families rewritten with fused `experts.gate_up_proj` [E, 2I, H]
@@ -154,6 +156,8 @@ def build_tiny_moe(directory: str | Path, family: str = "qwen3_moe", *, num_laye
     gpt-oss releases do.
     mtp_layers (deepseek_v3, glm4_moe): append that many multi-token-prediction layers
     at `model.layers.{num_layers + i}`, as DeepSeek-V3 and GLM-4.5 releases do.
+    kv_lora_rank (deepseek_v2/v3): MLA's latent width (default 256); vLLM's CPU MLA
+    decode kernel runs only DeepSeek's released 512 (+ 64 rope = 576).
     """
     import transformers
 
@@ -163,7 +167,8 @@ def build_tiny_moe(directory: str | Path, family: str = "qwen3_moe", *, num_laye
     directory.mkdir(parents=True, exist_ok=True)
     vocab = 256
     torch.manual_seed(seed)
-    config = _config(family, num_layers, num_experts, top_k, vocab)
+    config = _config(family, num_layers, num_experts, top_k, vocab,
+                     **({"kv_lora_rank": kv_lora_rank} if kv_lora_rank else {}))
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     alphas = expert_alphas(num_layers, num_experts, seed)
     g = torch.Generator().manual_seed(seed + 2)

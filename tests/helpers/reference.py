@@ -79,13 +79,15 @@ def reference_scores(model_dir: Path) -> dict[int, dict[int, float]]:
 
 
 def reference_pruned(scores: dict[int, dict[int, float]], ratio: float,
-                     n_group: int = 1) -> dict[int, list[int]]:
+                     n_group: int = 1, mtp_from: int | None = None) -> dict[int, list[int]]:
     """Uniform AIMER plan; with n_group > 1 each of the n_group contiguous expert groups
-    loses the same number of its highest-scored experts (group-limited routers)."""
+    loses the same number of its highest-scored experts (group-limited routers). Layers
+    at index >= mtp_from are MTP layers: they lose k too, but k is set by the others."""
     layers = sorted(scores)
+    trunk = [l for l in layers if mtp_from is None or l < mtp_from]
     experts = len(scores[layers[0]])
-    target = round(ratio * experts * len(layers))
-    k = min(range(experts + 1), key=lambda c: (abs(c * len(layers) - target), c))
+    target = round(ratio * experts * len(trunk))
+    k = min(range(experts + 1), key=lambda c: (abs(c * len(trunk) - target), c))
     assert k % n_group == 0, "the test's ratio must split evenly over the groups"
     size = experts // n_group
     out = {}
@@ -159,3 +161,35 @@ def run_probe(spec: dict, env: dict | None = None, timeout: float = 1200) -> dic
         if line.startswith("PROBE-RESULT "):
             return json.loads(line[len("PROBE-RESULT "):]) | {"log": proc.stderr}
     raise AssertionError(f"engine probe failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy continuations from transformers, float32 (what vLLM's greedy output must
+    be with or without speculative decoding)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            seq = list(ids)
+            for _ in range(max_tokens):
+                logits = model(torch.tensor([seq])).logits[0, -1]
+                seq.append(int(torch.argmax(logits)))
+            out.append(seq[len(ids):])
+    return out
+
+
+def dense_llama(dst: Path, tokenizer_from: Path) -> Path:
+    """A tiny dense Llama sharing a tiny MoE's tokenizer (a draft model, an EAGLE-less
+    stand-in for the dense drafts people pair with MoE targets)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(11)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                      max_position_embeddings=512)
+    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(dst)
+    for f in Path(tokenizer_from).glob("tokenizer*"):
+        shutil.copy(f, dst / f.name)
+    return dst
