@@ -16,6 +16,11 @@ test: setup
 clean:
 	rm -rf .demo .pytest_cache
 
+# On an NVIDIA GPU with vLLM (CUDA build): fidelity, memory, speed, TP/EP (about 5-8 min).
+.PHONY: gpu-check
+gpu-check: setup
+	$(PY) -m benchmarks.gpu_check
+
 # Benchmarks on generated multi-GB checkpoints (15-25 min; BENCH_ARGS=--quick: 4-6 min).
 .PHONY: bench
 BENCH_ARGS ?=

@@ -322,14 +322,18 @@ def _fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, 
     return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
 
 
-def quantize_experts_fp8(directory: Path, block: tuple[int, int] = (128, 128)) -> None:
+def quantize_experts_fp8(directory: Path, block: tuple[int, int] = (128, 128),
+                         also: str | None = None,
+                         ignored_layers: list[str] | None = None) -> None:
     """Rewrite routed experts' weights as float8_e4m3fn with float32 block scales and
     record `quantization_config` in config.json, in the layout of block-FP8 checkpoints:
     per expert `experts.{id}.*.weight` + `*.weight_scale_inv`; fused
-    `experts.gate_up_proj` [E, R, C] + `experts.gate_up_proj_scale_inv` [E, R/br, C/bc]."""
+    `experts.gate_up_proj` [E, R, C] + `experts.gate_up_proj_scale_inv` [E, R/br, C/bc].
+    `also`: a regex of more 2-D weights to quantize the same way (attention, as the
+    released checkpoints do); `ignored_layers`: vLLM module names left unquantized."""
     import re
 
-    per_expert = re.compile(r"\.experts\.\d+\.[^.]+\.weight$")
+    per_expert = re.compile(r"\.experts\.\d+\.[^.]+\.weight$" + (f"|{also}" if also else ""))
     fused = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
     br, bc = block
 
@@ -349,7 +353,8 @@ def quantize_experts_fp8(directory: Path, block: tuple[int, int] = (128, 128)) -
     _rewrite_tensors(directory, transform)
     _update_config(directory, quantization_config={
         "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-        "weight_block_size": [br, bc]})
+        "weight_block_size": [br, bc],
+        **({"ignored_layers": ignored_layers} if ignored_layers else {})})
 
 
 def fuse_experts(directory: Path, family: str) -> None:

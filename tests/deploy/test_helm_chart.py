@@ -291,6 +291,22 @@ def test_probes(rendered):
     assert startup["failureThreshold"] * startup["periodSeconds"] >= 3600, \
         "big MoE checkpoints need up to an hour to load"
     assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    # vLLM's API server waits as long for the engine as Kubernetes waits for the pod.
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    budget = startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
+    assert env["VLLM_ENGINE_READY_TIMEOUT_S"] == str(budget)
+
+
+def test_engine_ready_timeout_follows_the_startup_probe_or_env():
+    container = server_container(render({"startupProbe": {
+        "httpGet": {"path": "/health", "port": "http"}, "initialDelaySeconds": 30,
+        "periodSeconds": 20, "failureThreshold": 90}}))
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["VLLM_ENGINE_READY_TIMEOUT_S"] == "1830"
+    container = server_container(render({"env": [
+        {"name": "VLLM_ENGINE_READY_TIMEOUT_S", "value": "7200"}]}))
+    values = [e.get("value") for e in container["env"] if e["name"] == "VLLM_ENGINE_READY_TIMEOUT_S"]
+    assert values == ["7200"]
 
 
 def test_security_context_and_writable_volumes(rendered):

@@ -22,6 +22,9 @@ FUSED_RE = re.compile(r"layers\.(\d+)\.(?:mlp|feed_forward)\.experts\.(gate_up_p
 ROUTER_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\."
                        r"(?:gate\.weight|gate\.e_score_correction_bias"
                        r"|moe_statics\.e_score_correction_bias|router\.weight|router\.bias)$")
+# Any tensor of one routed expert: weights, FP8 scales, quantization parameters.
+EXPERT_ANY_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\."
+                           r"(\d+)\.\w+\.")
 PROJS = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}
 # Config keys that hold the routed-expert count, over the families tested.
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -108,7 +111,7 @@ def slice_checkpoint(src: Path, dst: Path, pruned: dict[int, list[int]]) -> Path
     experts = config[keys[0]]
     out: dict[str, torch.Tensor] = {}
     for name, t in load_all(src).items():
-        m = EXPERT_RE.search(name)
+        m = EXPERT_ANY_RE.search(name)
         if m:
             layer, old = int(m[1]), int(m[2])
             if old in pruned[layer]:

@@ -163,3 +163,21 @@ image sets the same; repeated so other images work too).
 - name: TMPDIR
   value: /tmp
 {{- end }}
+
+{{/*
+Seconds vLLM's API server waits for the engine (VLLM_ENGINE_READY_TIMEOUT_S, 600 by
+default): the startup probe's whole budget, initialDelaySeconds + periodSeconds x
+failureThreshold (Kubernetes defaults 0, 10, 3). Empty when there is no startup probe
+or env sets the variable itself.
+*/}}
+{{- define "vllm-aimer.engineReadyTimeout" -}}
+{{- $userSet := false -}}
+{{- range .Values.env -}}
+{{- if eq (.name | default "") "VLLM_ENGINE_READY_TIMEOUT_S" -}}{{- $userSet = true -}}{{- end -}}
+{{- end -}}
+{{- with .Values.startupProbe -}}
+{{- if not $userSet -}}
+{{- add (int (.initialDelaySeconds | default 0)) (mul (int (.periodSeconds | default 10)) (int (.failureThreshold | default 3))) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
