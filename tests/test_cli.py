@@ -51,6 +51,9 @@ def runs(tiny_checkpoint, tmp_path_factory):
     specs = {
         "score": ["score", model, "--ratio", "0.5", "--output", root / "score", "--quiet"],
         "inspect": ["inspect", model, "--json"],
+        "inspect_ep": ["inspect", model, "--json", "--ep-size", "4"],
+        "inspect_text": ["inspect", model, "--ep-size", "3"],
+        "inspect_bad_ep": ["inspect", model, "--ep-size", "0"],
         "plan": ["plan", model, authors, "--output", root / "plan-out"],
         "plan_uneven": ["plan", model, uneven, "--output", root / "uneven-out"],
         "plan_no_file": ["plan", model, no_plan_dir],
@@ -163,6 +166,22 @@ def test_inspect_json(runs):
     assert facts["routed_expert_bytes"] == 4 * 16 * 3 * 64 * 64 * 4
     assert facts["total_bytes"] == sum(sizes.values())
     assert len(facts["checkpoint"]) == 64 and int(facts["checkpoint"], 16) >= 0
+    # Without expert parallelism: every count that keeps top_k (2) experts; on
+    # Blackwell, kept counts that are multiples of 4 and more than top_k.
+    assert facts["safe_prune_ratios"]["any"] == [k / 16 for k in range(15)]
+    assert facts["safe_prune_ratios"]["blackwell"] == [0.0, 0.25, 0.5, 0.75]
+
+
+def test_inspect_offers_only_ratios_that_split_over_the_ep_size(runs):
+    facts = json.loads(runs["results"]["inspect_ep"].stdout)
+    assert facts["expert_parallel_size"] == 4
+    # Kept 16, 12, 8, 4: multiples of 4 EP ranks.
+    assert facts["safe_prune_ratios"]["any"] == [0.0, 0.25, 0.5, 0.75]
+    text = runs["results"]["inspect_text"].stdout
+    # EP 3: kept 15, 12, 9, 6, 3 (pruned 1, 4, 7, 10, 13); Blackwell also wants 4 | kept.
+    assert "3 expert-parallel ranks" in text
+    assert "any GPU or CPU: 0, 0.0625, 0.25, 0.4375, 0.625, 0.8125" in text
+    assert "NVIDIA Blackwell (SM100, TRT-LLM MoE kernels): 0, 0.25" in text
 
 
 # --------------------------------------------------------------------------- plan
@@ -198,6 +217,7 @@ BAD = {
     "missing_model": "not a local directory",
     "unwritable_output": "not writable",
     "plan_no_file": "no-plan",
+    "inspect_bad_ep": "--ep-size must be a positive integer",
 }
 
 

@@ -351,6 +351,9 @@ def runs(tiny_checkpoint):
         "no_fit_json": [qwen, "--gpus", "1", "--gpu-memory-gib", "8", "--json"],
         "checkpoint": [tiny_checkpoint("qwen3_moe"), "--json", "--gpus", "1"],
         "gpus_zero": [qwen, "--gpus", "0"],
+        "ep_blackwell": [qwen, "--json", "--gpus", "8", "--gpu-memory-gib", "6",
+                         "--max-model-len", "4096", "--expert-parallel", "--gpu", "blackwell"],
+        "gpu_unknown": [qwen, "--gpu", "hopper"],
     }
     procs = {name: subprocess.Popen(
         [sys.executable, "-m", "vllm_aimer.cli", "fit", *map(str, args)],
@@ -397,6 +400,30 @@ def test_cli_text(runs):
     assert out.count("vllm serve ") == 1
     for n in (1, 2, 4, 8):
         assert any(line.split()[:1] == [str(n)] for line in out.splitlines())
+
+
+def test_cli_offers_only_ratios_safe_for_the_ep_size_and_gpu(runs):
+    """128 experts, top-8: with EP over the GPUs and Blackwell's kernels, a ratio must
+    keep a multiple of lcm(GPUs, 4) experts; the row's minimum is the smallest such
+    count that fits, and the serve command enables expert parallelism."""
+    rc, out, err = runs["ep_blackwell"]
+    assert rc == 0, err
+    data = json.loads(out)
+    assert data["expert_parallel"] is True and data["gpu"] == "blackwell"
+    for row in data["table"]:
+        if row["fits"] and row["pruned_experts_per_layer"]:
+            kept = 128 - row["pruned_experts_per_layer"]
+            assert kept % row["gpus"] == 0 and kept % 4 == 0 and kept > 8, row
+    row8 = next(r for r in data["table"] if r["gpus"] == 8)
+    assert row8["fits"] and row8["pruned_experts_per_layer"] % 8 == 0
+    assert "--tensor-parallel-size 8 --enable-expert-parallel --load-format aimer" in \
+        data["serve_command"]
+    # Unconstrained, the same budget would have taken a count that is not a multiple of 8.
+    f = facts("qwen3-30b-a3b")
+    plain = plan_fit(f, fit_options(gpus=8, gpu_memory_gib=6, max_model_len=4096), Path("."))
+    assert plain.requested.pruned_per_layer % 8 != 0
+    rc, _, err = runs["gpu_unknown"]
+    assert rc == 2 and "--gpu 'hopper' is not a GPU kind" in err and "blackwell" in err
 
 
 def test_cli_nothing_fits(runs):

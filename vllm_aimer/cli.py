@@ -138,7 +138,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                        gpu_memory_utilization=args.gpu_memory_utilization,
                        overhead_gib=args.overhead_gib, max_model_len=args.max_model_len,
                        max_num_seqs=args.max_num_seqs, kv_cache_dtype=args.kv_cache_dtype,
-                       ratio=args.ratio)
+                       ratio=args.ratio, expert_parallel=args.expert_parallel, gpu=args.gpu)
     facts, model_dir = load_model_facts(args.model)
     report = plan_fit(facts, opts, model_dir)
     print(json.dumps(report.to_json(), indent=1) if args.json else render_fit(report))

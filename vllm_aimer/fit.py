@@ -608,6 +608,10 @@ def fit_on(facts: ModelFacts, opts: FitOptions, gpus: int, max_model_len: int) -
                "exceeds the budget")
     elif non_expert + kv + overhead > budget:
         why = "non-expert weights and KV cache together exceed the budget"
+    elif k_max < facts.num_experts - facts.top_k:
+        why = (f"the {facts.num_experts - k_max} experts per layer this deployment needs at "
+               "least (router groups, expert-parallel split, GPU kernels) do not fit next to "
+               "the rest")
     else:
         why = "the top_k experts every layer must keep do not fit next to the rest"
     return Fit(pruned_per_layer=None, ratio=None, weight_bytes=weights,
@@ -770,8 +774,9 @@ def render_fit(report: FitReport) -> str:
         f"{opts.max_num_seqs} sequence{'s' if opts.max_num_seqs > 1 else ''}",
         f"per GPU   {opts.gpu_memory_gib:g} GiB x {opts.gpu_memory_utilization:g} = "
         f"{gib(opts.budget_bytes)}, of which {gib(opts.overhead_bytes)} runtime overhead",
-        *([f"ratios    only those safe with expert parallelism over the GPUs (kept count "
-           f"a multiple of the GPU count) on {opts.gpu.label}"]
+        *([f"ratios    only those safe"
+           + (" with expert parallelism over the GPUs (kept count a multiple of the GPU "
+              "count)" if opts.expert_parallel else "") + f" on {opts.gpu.label}"]
           if opts.expert_parallel or opts.gpu is not Gpu.ANY else []),
         "",
         f"{'GPUs':>4}  {'min ratio':<10} {'weights/GPU':>12} {'KV/GPU':>11} {'total/GPU':>11}",
