@@ -34,10 +34,17 @@ class LayerPlan(BaseModel):
     scores: list[float] | None = None
 
 
+# Criteria whose LOWEST scores are pruned (vllm_aimer.criteria defines them all); every
+# other criterion prunes its highest scores, as AIMER does.
+PRUNES_LOWEST: frozenset[str] = frozenset({"magnitude"})
+
+
 class Plan(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     format: Literal["vllm-aimer.plan/v1"] = PLAN_FORMAT
     checkpoint: str
+    criterion: str = "aimer"
+    """What the scores are and chose the pruned experts (see vllm_aimer.criteria)."""
     """Fingerprint of the checkpoint (sha256 of config, index and shard headers)."""
     family: str
     num_experts: int
@@ -161,16 +168,18 @@ def check_groups(num_experts: int, k: int, top_k: int, n_group: int, topk_group:
             f"experts could be chosen, fewer than top_k={top_k}.", fix)
 
 
-def select_pruned(scores: Sequence[float], k: int, n_group: int = 1) -> list[int]:
-    """The k experts to prune from one layer, sorted: the highest AIMER scores (ties:
-    lower id first). With n_group > 1 the experts form n_group contiguous groups of
-    E / n_group and each group loses its own k / n_group highest-scored experts."""
+def select_pruned(scores: Sequence[float], k: int, n_group: int = 1,
+                  lowest: bool = False) -> list[int]:
+    """The k experts to prune from one layer, sorted: the highest scores (`lowest`: the
+    lowest), ties to the lower id. With n_group > 1 the experts form n_group contiguous
+    groups of E / n_group and each group loses its own k / n_group experts."""
     size = len(scores) // n_group
     per_group = k // n_group
+    sign = 1.0 if lowest else -1.0
     pruned: list[int] = []
     for g in range(n_group):
         ids = range(g * size, (g + 1) * size)
-        pruned += sorted(ids, key=lambda e: (-float(scores[e]), e))[:per_group]
+        pruned += sorted(ids, key=lambda e: (sign * float(scores[e]), e))[:per_group]
     return sorted(pruned)
 
 
@@ -201,20 +210,22 @@ def check_expert_parallel(num_experts: int, kept: int, top_k: int, ep_size: int)
 
 
 def make_plan(layout: ExpertLayout, scores: Mapping[int, Sequence[float]], ratio: float,
-              checkpoint: str) -> Plan:
-    """Prune the k highest-scored experts of every MoE layer (ties: lower id first)."""
+              checkpoint: str, criterion: str = "aimer") -> Plan:
+    """Prune the k highest-scored experts of every MoE layer (ties: lower id first), or
+    the k lowest-scored for a criterion in PRUNES_LOWEST."""
     k = prune_count(len(layout.layers), layout.num_experts, layout.top_k, ratio,
                     layout.n_group, layout.topk_group)
     layers: dict[str, LayerPlan] = {}
     for layer in layout.layers:
         s = [float(x) for x in scores[layer]]
-        pruned = select_pruned(s, k, layout.n_group)
+        pruned = select_pruned(s, k, layout.n_group, lowest=criterion in PRUNES_LOWEST)
         dropped = set(pruned)
         kept = [e for e in range(len(s)) if e not in dropped]
         layers[str(layer)] = LayerPlan(pruned=pruned, kept=kept, scores=s)
     # The ratio actually pruned (k per layer / experts), which can differ from the request.
     return Plan(checkpoint=checkpoint, family=layout.arch.family, num_experts=layout.num_experts,
-                top_k=layout.top_k, ratio=k / layout.num_experts, layers=layers)
+                top_k=layout.top_k, ratio=k / layout.num_experts, layers=layers,
+                criterion=criterion)
 
 
 def identity_plan(layout: ExpertLayout, checkpoint: str) -> Plan:
@@ -333,13 +344,15 @@ def read_plan(path: str | Path, layout: ExpertLayout, checkpoint: str) -> Plan:
 
 
 def scores_csv(plan: Plan) -> str:
-    """layer,expert_id,aimer_score,rank_in_layer,is_pruned (rank 0 = highest score)."""
-    lines = ["layer,expert_id,aimer_score,rank_in_layer,is_pruned"]
+    """layer,expert_id,<criterion>_score,rank_in_layer,is_pruned (rank 0 = the first to
+    prune: the highest score, or the lowest for a criterion in PRUNES_LOWEST)."""
+    lines = [f"layer,expert_id,{plan.criterion}_score,rank_in_layer,is_pruned"]
+    sign = 1.0 if plan.criterion in PRUNES_LOWEST else -1.0
     for layer in plan.layer_ids:
         lp = plan.layer(layer)
         if lp.scores is None:
             raise ValueError("this plan carries no scores")
-        order = sorted(range(len(lp.scores)), key=lambda e: (-lp.scores[e], e))
+        order = sorted(range(len(lp.scores)), key=lambda e: (sign * lp.scores[e], e))
         rank = {e: r for r, e in enumerate(order)}
         pruned = set(lp.pruned)
         for e, s in enumerate(lp.scores):
