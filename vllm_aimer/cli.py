@@ -224,10 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="serve a tiny MoE pruned by AIMER and query it (no downloads)")
+    p = sub.add_parser("demo", help="serve the small demo MoE pruned by AIMER and query it "
+                                    "(no downloads)")
     p.add_argument("--workdir", default=".demo", help="where the model, plan and logs go")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of experts to prune")
-    p.add_argument("--model", help="serve this checkpoint instead of the embedded tiny MoE")
+    p.add_argument("--model", help="serve this checkpoint instead of the embedded demo MoE")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(

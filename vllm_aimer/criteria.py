@@ -50,8 +50,9 @@ def check_criteria(names: str | Iterable[str]) -> list[str]:
         if not name:
             continue
         if name not in CRITERIA:
-            hint = (" `frequency` needs router statistics that vLLM 0.32's CPU engine does "
-                    "not return (see the README)." if name == "frequency" else "")
+            hint = (" `frequency` would count vLLM's router choices, which vLLM 0.32 returns "
+                    "only from its Triton-based Model Runner V2 (see the README, Baselines)."
+                    if name == "frequency" else "")
             raise AimerError(f"unknown criterion {raw.strip()!r}.{hint}",
                              f"use one or more of {', '.join(CRITERIA)} (comma-separated).")
         if name not in out:
