@@ -75,6 +75,10 @@ def run_demo(workdir: Path, ratio: float = 0.5, model: Path | None = None,
         _say("Pruning metrics on the same /metrics as vLLM's own", "\n".join(lines))
     _say("Plan files written by the loader",
          "\n".join(f"{p}  ({p.stat().st_size} bytes)" for p in sorted(plan_dir.iterdir())))
+    _say("What did pruning cost? Measure it on vLLM (perplexity, top-1 agreement, 7 engines):",
+         "vllm-aimer eval vllm_aimer/demo_model --data benchmarks/data/stdlib-heldout.jsonl \\\n"
+         "    --ratios 0,0.25,0.5 --criteria aimer,magnitude,random --output eval/   "
+         "# or: make demo-eval")
     _say("Server stopped. To do the same with a real checkpoint on a GPU machine:",
          "pip install vllm-aimer\n"
          "vllm-aimer score /models/Qwen3-30B-A3B --ratio 0.5 --output plan/   # optional preview\n"
