@@ -56,17 +56,72 @@ def _print_plan(plan: Plan, expert_bytes: int | None = None) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from vllm_aimer.criteria import check_criteria, criterion_scores
+
+    [criterion] = check_criteria([args.criterion])
     ckpt = open_checkpoint(args.model)
     layout = expert_layout(ckpt)
     prune_count(len(layout.layers), _router(layout), args.ratio)
     out = ensure_writable_dir(args.output, "output")
-    result = score_checkpoint(ckpt, layout, progress=not args.quiet)
-    plan = make_plan(layout, result.scores, args.ratio, ckpt.fingerprint)
+    # Random reads no weights, unless the plot needs the weight-based scores.
+    result = (score_checkpoint(ckpt, layout, progress=not args.quiet)
+              if criterion != "random" or args.plot else None)
+    scores = criterion_scores(criterion, ckpt, layout, args.seed, result)
+    plan = make_plan(layout, scores, args.ratio, ckpt.fingerprint, criterion)
     written = write_plan_outputs(plan, out)
     _print_plan(plan, _layout_facts(layout, ckpt.fingerprint)["routed_expert_bytes"])
-    print(f"scored {human_bytes(result.bytes_read)} of expert weights in {result.seconds:.2f} s")
+    if result is not None:
+        print(f"scored {human_bytes(result.bytes_read)} of expert weights in "
+              f"{result.seconds:.2f} s")
+    if args.plot:
+        from vllm_aimer.plots import panel_from_plan, save_png, scores_figure
+
+        # AIMER and magnitude side by side (the paper's Figure 2), plus the chosen one.
+        shown = ["aimer", "magnitude"] + ([criterion] if criterion == "random" else [])
+        plans = [plan if c == criterion else
+                 make_plan(layout, criterion_scores(c, ckpt, layout, args.seed, result),
+                           args.ratio, ckpt.fingerprint, c) for c in shown]
+        written.append(save_png(scores_figure([panel_from_plan(p) for p in plans]),
+                                out / "scores.png"))
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """scores.csv files side by side as one heatmap PNG, or an eval.json as eval.png."""
+    from vllm_aimer.plots import eval_figure, read_scores_csv, save_png, scores_figure
+
+    first = Path(args.files[0])
+    if first.suffix == ".json":
+        from vllm_aimer.evaluate import EvalReport
+
+        try:
+            report = EvalReport.model_validate_json(first.read_bytes())
+        except (OSError, ValueError) as e:
+            raise AimerError(f"{first} is not an eval.json written by `vllm-aimer eval` ({e}).",
+                             "pass an eval.json, or scores.csv files.") from None
+        fig, default = eval_figure(report), first.with_name("eval.png")
+    else:
+        fig = scores_figure([read_scores_csv(f) for f in args.files])
+        default = first.with_name("scores.png")
+    out = Path(args.output) if args.output else default
+    ensure_writable_dir(out.parent, "output")
+    print(f"wrote {save_png(fig, out)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vllm_aimer.evaluate import render_table, run_eval
+
+    report = run_eval(args.model, args.data, args.output, ratios=args.ratios,
+                      criteria=args.criteria, max_model_len=args.max_model_len,
+                      limit=args.limit, seed=args.seed, dtype=args.dtype,
+                      progress=not args.quiet)
+    print(render_table(report))
+    out = Path(args.output)
+    for name in ("eval.json", "eval.csv", "eval.png"):
+        print(f"wrote {out / name}")
     return 0
 
 
@@ -148,7 +203,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vllm-aimer",
-        description="Calibration-free AIMER expert pruning for vLLM: score, plan, inspect.")
+        description="Calibration-free AIMER expert pruning for vLLM: score, plan, inspect, eval.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("score", help="score every routed expert and write a pruning plan")
@@ -157,8 +212,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of routed experts to prune, in [0, 1)")
     p.add_argument("--output", required=True,
                    help="directory for pruned_experts.json, plan.json and scores.csv")
+    p.add_argument("--criterion", default="aimer",
+                   help="aimer (default), or a baseline: magnitude, random (see README)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    p.add_argument("--plot", action="store_true",
+                   help="also write scores.png: AIMER and magnitude heatmaps side by side")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("plot", help="draw scores.csv heatmaps (side by side) or an eval.json")
+    p.add_argument("files", nargs="+", help="scores.csv files, or one eval.json")
+    p.add_argument("--output", help="PNG path (default: scores.png / eval.png beside the "
+                                    "first file)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser(
+        "eval", help="perplexity and top-1 agreement at several prune ratios, on vLLM",
+        description="For each criterion and ratio, serve MODEL pruned with vLLM offline "
+                    "(--load-format aimer), score every document token through "
+                    "prompt_logprobs and write eval.json, eval.csv and eval.png to --output. "
+                    "Ratio 0 is the dense model. Rerun the same command to resume.")
+    p.add_argument("model", help="local checkpoint directory")
+    p.add_argument("--data", required=True,
+                   help=".txt (one document per line) or .jsonl ({\"text\": ...}, or OpenAI "
+                        "completion/chat request bodies)")
+    p.add_argument("--ratios", default="0,0.25,0.5", help="comma-separated, each in [0, 1)")
+    p.add_argument("--output", required=True, help="directory for eval.json/csv/png, plans, logs")
+    p.add_argument("--criteria", default="aimer,magnitude,random",
+                   help="comma-separated: aimer, magnitude, random")
+    p.add_argument("--max-model-len", type=int,
+                   help="truncate documents to this many tokens (default: the model's)")
+    p.add_argument("--limit", type=int, help="use only the first N documents")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    p.add_argument("--dtype", default="auto",
+                   help="vLLM --dtype (default auto; float32 on CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plan", help="check a pruned_experts.json/plan.json against a checkpoint")
     p.add_argument("model", help="local checkpoint directory")
@@ -173,10 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="serve a tiny MoE pruned by AIMER and query it (no downloads)")
+    p = sub.add_parser("demo", help="serve the small demo MoE pruned by AIMER and query it "
+                                    "(no downloads)")
     p.add_argument("--workdir", default=".demo", help="where the model, plan and logs go")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of experts to prune")
-    p.add_argument("--model", help="serve this checkpoint instead of the embedded tiny MoE")
+    p.add_argument("--model", help="serve this checkpoint instead of the embedded demo MoE")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(

@@ -9,7 +9,11 @@ import time
 from pathlib import Path
 
 from vllm_aimer.server import ServerProcess
-from vllm_aimer.tiny import build_tiny_moe
+
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+"""The embedded default: a 4-layer, 16-expert, top-2 Qwen3-MoE trained by
+scripts/train_demo_model.py on the Python standard library's sources."""
+PROMPTS = ["def __init__(self, ", "import os\nimport sys\n\n\ndef main(", "    for line in "]
 
 
 def _say(title: str, body: str = "") -> None:
@@ -24,12 +28,11 @@ def run_demo(workdir: Path, ratio: float = 0.5, model: Path | None = None,
 
     workdir = workdir.resolve()
     if model is None:
-        model = workdir / "tiny-qwen3-moe"
-        if not (model / "config.json").exists():
-            _say("Building the embedded default model",
-                 f"A tiny random Qwen3-MoE (4 layers x 16 experts, top-2) in {model};\n"
-                 "built locally, nothing is downloaded.")
-            build_tiny_moe(model, "qwen3_moe")
+        model = DEMO_MODEL
+        _say("The embedded default model",
+             f"{model}\na 4-layer Qwen3-MoE (16 experts per layer, top-2, about 5 MB) trained "
+             "by this project\non the Python standard library's own sources "
+             "(scripts/train_demo_model.py); nothing is downloaded.")
     plan_dir = workdir / "plan"
     shutil.rmtree(plan_dir, ignore_errors=True)
     extra = {"prune_ratio": ratio, "plan_out": str(plan_dir)}
@@ -50,20 +53,21 @@ def run_demo(workdir: Path, ratio: float = 0.5, model: Path | None = None,
         _say("What the loader did (from the server log)", "\n".join(summary) or "(not found)")
 
         client = OpenAI(base_url=server.base_url + "/v1", api_key="demo")
-        prompt = "the quick brown fox"
-        done = client.completions.create(model="demo-moe", prompt=prompt, max_tokens=12,
+        done = client.completions.create(model="demo-moe", prompt=PROMPTS, max_tokens=48,
                                          temperature=0)
-        _say("Completion (the model is random, so the words are too)",
-             f"prompt: {prompt!r}\nanswer: {done.choices[0].text!r}\n"
-             f"tokens: {done.usage.prompt_tokens} in, {done.usage.completion_tokens} out")
+        shown = []
+        for prompt, choice in zip(PROMPTS, sorted(done.choices, key=lambda c: c.index)):
+            shown.append(f"--- prompt {prompt!r}, greedy completion:\n{prompt}{choice.text}")
+        _say(f"Completions of the pruned model (ratio {ratio:g}; it writes Python as it read "
+             "it, mistakes and all)", "\n".join(shown))
 
-        print("\n== Streaming chat\n   ", end="", flush=True)
-        stream = client.chat.completions.create(
-            model="demo-moe", messages=[{"role": "user", "content": "hello, how are you?"}],
-            max_tokens=12, temperature=0, stream=True)
+        print("\n== Streaming (a plain completion, token by token)\n   ", end="", flush=True)
+        stream = client.completions.create(model="demo-moe", prompt="    def read(self", max_tokens=32,
+                                           temperature=0, stream=True)
+        print("    def read(self", end="", flush=True)
         for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                print(chunk.choices[0].delta.content, end="", flush=True)
+            if chunk.choices and chunk.choices[0].text:
+                print(chunk.choices[0].text, end="", flush=True)
         print(" [stream complete]")
 
         lines = [l for l in server.get("/metrics").splitlines()
@@ -71,6 +75,10 @@ def run_demo(workdir: Path, ratio: float = 0.5, model: Path | None = None,
         _say("Pruning metrics on the same /metrics as vLLM's own", "\n".join(lines))
     _say("Plan files written by the loader",
          "\n".join(f"{p}  ({p.stat().st_size} bytes)" for p in sorted(plan_dir.iterdir())))
+    _say("What did pruning cost? Measure it on vLLM (perplexity, top-1 agreement, 7 engines):",
+         "vllm-aimer eval vllm_aimer/demo_model --data benchmarks/data/stdlib-heldout.jsonl \\\n"
+         "    --ratios 0,0.25,0.5 --criteria aimer,magnitude,random --output eval/   "
+         "# or: make demo-eval")
     _say("Server stopped. To do the same with a real checkpoint on a GPU machine:",
          "pip install vllm-aimer\n"
          "vllm-aimer score /models/Qwen3-30B-A3B --ratio 0.5 --output plan/   # optional preview\n"

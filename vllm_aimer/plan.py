@@ -45,6 +45,11 @@ class LayerPlan(BaseModel):
     scores: list[float] | None = None
 
 
+# Criteria whose LOWEST scores are pruned (vllm_aimer.criteria defines them all); every
+# other criterion prunes its highest scores, as AIMER does.
+PRUNES_LOWEST: frozenset[str] = frozenset({"magnitude"})
+
+
 class Plan(BaseModel):
     """A whole pruning decision; it validates itself on construction and on reading
     (cache entries and plan files too): kept is the complement of pruned, every layer
@@ -52,6 +57,8 @@ class Plan(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     format: Literal["vllm-aimer.plan/v1"] = PLAN_FORMAT
     checkpoint: str
+    criterion: str = "aimer"
+    """What the scores are and chose the pruned experts (see vllm_aimer.criteria)."""
     """Fingerprint of the checkpoint (sha256 of config, index and shard headers)."""
     family: str
     num_experts: int
@@ -173,16 +180,18 @@ def check_layers(router: Router, layers: Mapping[str, LayerPlan], where: str) ->
         check_prune_count(router, next(iter(counts)), where)
 
 
-def select_pruned(scores: Sequence[float], k: int, n_group: int = 1) -> list[int]:
-    """The k experts to prune from one layer, sorted: the highest AIMER scores (ties:
-    lower id first). With n_group > 1 the experts form n_group contiguous groups of
-    E / n_group and each group loses its own k / n_group highest-scored experts."""
+def select_pruned(scores: Sequence[float], k: int, n_group: int = 1,
+                  lowest: bool = False) -> list[int]:
+    """The k experts to prune from one layer, sorted: the highest scores (`lowest`: the
+    lowest), ties to the lower id. With n_group > 1 the experts form n_group contiguous
+    groups of E / n_group and each group loses its own k / n_group experts."""
     size = len(scores) // n_group
     per_group = k // n_group
+    sign = 1.0 if lowest else -1.0
     pruned: list[int] = []
     for g in range(n_group):
         ids = range(g * size, (g + 1) * size)
-        pruned += sorted(ids, key=lambda e: (-float(scores[e]), e))[:per_group]
+        pruned += sorted(ids, key=lambda e: (sign * float(scores[e]), e))[:per_group]
     return sorted(pruned)
 
 
@@ -190,22 +199,25 @@ def _router(layout: ExpertLayout) -> Router:
     return Router(layout.num_experts, layout.top_k, layout.n_group, layout.topk_group)
 
 
-def _layer_plan(scores: Sequence[float], k: int, n_group: int) -> LayerPlan:
+def _layer_plan(scores: Sequence[float], k: int, n_group: int,
+                lowest: bool = False) -> LayerPlan:
     s = [float(x) for x in scores]
-    pruned = select_pruned(s, k, n_group)
+    pruned = select_pruned(s, k, n_group, lowest)
     dropped = set(pruned)
     return LayerPlan(pruned=pruned, kept=[e for e in range(len(s)) if e not in dropped], scores=s)
 
 
 def _plan(layout: ExpertLayout, checkpoint: str, k: int, layers: dict[str, LayerPlan],
-          mtp_layers: dict[str, LayerPlan], where: str = "plan") -> Plan:
+          mtp_layers: dict[str, LayerPlan], where: str = "plan",
+          criterion: str = "aimer") -> Plan:
     try:
         return Plan.model_validate(
             dict(checkpoint=checkpoint, family=layout.arch.family, num_experts=layout.num_experts,
                  top_k=layout.top_k, n_group=layout.n_group, topk_group=layout.topk_group,
                  # The ratio actually pruned (k per layer / experts), which can differ
                  # from the one requested.
-                 ratio=k / layout.num_experts, layers=layers, mtp_layers=mtp_layers),
+                 ratio=k / layout.num_experts, layers=layers, mtp_layers=mtp_layers,
+                 criterion=criterion),
             context={"where": where})
     except ValidationError as e:
         raise _aimer_error(e) from None
@@ -221,19 +233,23 @@ def _aimer_error(e: ValidationError) -> Exception:
 
 
 def make_plan(layout: ExpertLayout, scores: Mapping[int, Sequence[float]], ratio: float,
-              checkpoint: str) -> Plan:
-    """Prune the k highest-scored experts of every MoE layer (ties: lower id first).
-    k comes from the trunk layers; MTP layers (when `scores` has them) lose k too."""
+              checkpoint: str, criterion: str = "aimer") -> Plan:
+    """Prune the k highest-scored experts of every MoE layer (ties: lower id first), or
+    the k lowest-scored for a criterion in PRUNES_LOWEST. k comes from the trunk
+    layers; MTP layers (when `scores` has them) lose k too."""
     k = prune_count(len(layout.layers), _router(layout), ratio)
-    layers = {str(layer): _layer_plan(scores[layer], k, layout.n_group) for layer in layout.layers}
-    mtp = {str(layer): _layer_plan(scores[layer], k, layout.n_group)
+    lowest = criterion in PRUNES_LOWEST
+    layers = {str(layer): _layer_plan(scores[layer], k, layout.n_group, lowest)
+              for layer in layout.layers}
+    mtp = {str(layer): _layer_plan(scores[layer], k, layout.n_group, lowest)
            for layer in layout.mtp_layers if layer in scores}
-    return _plan(layout, checkpoint, k, layers, mtp)
+    return _plan(layout, checkpoint, k, layers, mtp, criterion=criterion)
 
 
 def with_mtp_layers(plan: Plan, layout: ExpertLayout,
                     scores: Mapping[int, Sequence[float]]) -> Plan:
-    """`plan` plus the checkpoint's MTP layers, each losing its own k highest scores."""
+    """`plan` plus the checkpoint's MTP layers, each losing its own k highest AIMER
+    scores (whatever criterion chose the trunk's: MTP layers only feed the draft)."""
     k = plan.pruned_per_layer
     mtp = {str(layer): _layer_plan(scores[layer], k, layout.n_group) for layer in layout.mtp_layers}
     return Plan.model_validate({**plan.model_dump(), "mtp_layers": mtp})
@@ -326,7 +342,7 @@ def read_plan(path: str | Path, layout: ExpertLayout, checkpoint: str) -> Plan:
 
 def conform(plan: Plan, layout: ExpertLayout, where: str = "plan") -> Plan:
     """`plan` checked against this checkpoint's layers and router (as a plan file is),
-    with its scores and ratio kept; for plans from files and from the plan cache."""
+    with its scores, ratio and criterion kept; for plans from files and the plan cache."""
     named = {**plan.pruned_experts(),
              **{str(k): plan.layer(k).pruned for k in plan.mtp_layer_ids}}
     checked = plan_from_pruned_experts(layout, named, plan.checkpoint, where.removeprefix("plan "))
@@ -335,18 +351,21 @@ def conform(plan: Plan, layout: ExpertLayout, where: str = "plan") -> Plan:
         return {k: {**v.model_dump(), "scores": plan.layer(int(k)).scores} for k, v in part.items()}
 
     data = {**checked.model_dump(), "layers": with_scores(checked.layers),
-            "mtp_layers": with_scores(checked.mtp_layers), "ratio": plan.ratio}
+            "mtp_layers": with_scores(checked.mtp_layers), "ratio": plan.ratio,
+            "criterion": plan.criterion}
     return Plan.model_validate(data, context={"where": where})
 
 
 def scores_csv(plan: Plan) -> str:
-    """layer,expert_id,aimer_score,rank_in_layer,is_pruned (rank 0 = highest score)."""
-    lines = ["layer,expert_id,aimer_score,rank_in_layer,is_pruned"]
+    """layer,expert_id,<criterion>_score,rank_in_layer,is_pruned (rank 0 = the first to
+    prune: the highest score, or the lowest for a criterion in PRUNES_LOWEST)."""
+    lines = [f"layer,expert_id,{plan.criterion}_score,rank_in_layer,is_pruned"]
+    sign = 1.0 if plan.criterion in PRUNES_LOWEST else -1.0
     for layer in plan.layer_ids:
         lp = plan.layer(layer)
         if lp.scores is None:
             raise ValueError("this plan carries no scores")
-        order = sorted(range(len(lp.scores)), key=lambda e: (-lp.scores[e], e))
+        order = sorted(range(len(lp.scores)), key=lambda e: (sign * lp.scores[e], e))
         rank = {e: r for r, e in enumerate(order)}
         pruned = set(lp.pruned)
         for e, s in enumerate(lp.scores):

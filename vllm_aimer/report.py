@@ -47,6 +47,8 @@ class PruningReport(BaseModel):
     plan_files: list[str]
     tensors_read: list[str] | None = None
     """Checkpoint tensors read from disk; only when AIMER_TRACE_READS=1."""
+    criterion: str = "aimer"
+    """What chose the pruned experts (a plan file may come from a baseline criterion)."""
 
     @classmethod
     def build(cls, *, model_name: str, plan: Plan, layout: ExpertLayout, source: str,
@@ -64,11 +66,13 @@ class PruningReport(BaseModel):
                    experts_after=plan.kept_per_layer, experts_pruned=plan.total_pruned,
                    expert_bytes_skipped=skipped, expert_bytes_loaded=loaded,
                    scoring_seconds=scoring_seconds, expert_rows=expert_rows,
-                   plan_files=plan_files, tensors_read=reads)
+                   plan_files=plan_files, tensors_read=reads, criterion=plan.criterion)
 
     def summary(self) -> str:
         lines = [
-            f"vllm-aimer: pruned {self.family} with AIMER ({self.source}), ratio {self.ratio:g}, "
+            f"vllm-aimer: pruned {self.family} with "
+            f"{'AIMER' if self.criterion == 'aimer' else self.criterion} ({self.source}), "
+            f"ratio {self.ratio:g}, "
             f"plan {self.plan_hash}",
             f"  experts per layer {self.experts_before} -> {self.experts_after} in "
             f"{len(self.layers)} MoE layers ({self.experts_pruned} pruned), top_k {self.top_k}",

@@ -130,6 +130,9 @@ class ScoringResult:
     """Per MoE layer, the score of each routed expert (index = expert id)."""
     seconds: float
     bytes_read: int
+    magnitudes: dict[int, list[float]] | None = None
+    """Per MoE layer, each expert's L2 norm sqrt(sum w^2) over the same weights (the
+    magnitude baseline, vllm_aimer.criteria), from the same pass."""
 
 
 def _row_spans(rows: int, row_numel: int, chunk_elements: int) -> Iterator[slice]:
@@ -209,4 +212,5 @@ def score_checkpoint(
     finally:
         bar.close()
     scores = {layer: [s.score() for s in sums[layer]] for layer in wanted}
-    return ScoringResult(scores, time.perf_counter() - start, bytes_read)
+    norms = {layer: [math.sqrt(s.sq_sum) for s in sums[layer]] for layer in wanted}
+    return ScoringResult(scores, time.perf_counter() - start, bytes_read, norms)
