@@ -89,7 +89,10 @@ class Architecture:
 
     @cached_property
     def _fused_re(self) -> re.Pattern[str]:
-        return re.compile(rf"^(?:.*\.)?{self.moe_block}\.experts\.(?P<proj>[A-Za-z_]+)(?:\.[A-Za-z_]+)?$")
+        # Anything under `experts.` that is not `experts.{id}.`: fused all-expert tensors.
+        # layout.py refuses names it cannot place (an unknown projection or suffix), so
+        # nothing under `experts.` reaches vLLM unsliced.
+        return re.compile(rf"^(?:.*\.)?{self.moe_block}\.experts\.(?P<rest>(?!\d+\.).+)$")
 
     @cached_property
     def _router_re(self) -> re.Pattern[str]:
@@ -103,15 +106,29 @@ class Architecture:
             return None
         return int(m["layer"]), int(m["expert"]), m["proj"]
 
+    def expert_suffix(self, name: str) -> str:
+        """What follows `<proj>.` in a per-expert tensor name (`weight`, `qweight`, ...)."""
+        m = self._per_expert_re.match(name)
+        assert m is not None, name
+        return m["tail"][len(m["proj"]) + 1:]
+
     def rename_expert(self, name: str, new_id: int) -> str:
         m = self._per_expert_re.match(name)
         assert m is not None, name
         return f"{m['head']}{new_id}.{m['tail']}"
 
     def match_fused(self, name: str) -> tuple[int, str] | None:
-        """(layer, projection name) of a fused all-experts tensor, else None."""
+        """(layer, name after `experts.`) of a fused all-experts tensor, else None."""
         m = self._fused_re.match(name)
-        return (int(m["layer"]), m["proj"]) if m else None
+        return (int(m["layer"]), m["rest"]) if m else None
+
+    def split_fused(self, rest: str, suffixes: frozenset[str]) -> tuple[str, str] | None:
+        """(projection, suffix) of a fused tensor's name after `experts.`, when it is a
+        known projection followed by one of `suffixes`; else None."""
+        for proj in sorted(self.fused_projections, key=len, reverse=True):
+            if rest.startswith(proj) and rest[len(proj):] in suffixes:
+                return proj, rest[len(proj):]
+        return None
 
     def match_router(self, name: str) -> int | None:
         """Layer of a router tensor indexed by expert, else None."""
@@ -251,9 +268,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         # column, down_proj [E, I, H], each with an [E, ...] bias (sliced, not scored).
         # MXFP4 releases store `<name>_blocks` (packed FP4) + `<name>_scales` (E8M0).
         projections={},
-        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",),
-                           "gate_up_proj_blocks": ("gate", "up"),
-                           "down_proj_blocks": ("down",)},
+        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
         router_tensors={"router.weight": 0, "router.bias": 0},
         moe_intermediate_keys=("intermediate_size",),
         fit=False,  # attention sinks and sliding layers are not modelled by fit.py

@@ -60,7 +60,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Check an external plan against a checkpoint and write it in our formats."""
     ckpt = open_checkpoint(args.model)
-    layout = expert_layout(ckpt)
+    layout = expert_layout(ckpt, scoring=False)
     plan = read_plan(args.plan, layout, ckpt.fingerprint)
     _print_plan(plan)
     if args.output:
@@ -71,9 +71,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     ckpt = open_checkpoint(args.model)
-    layout = expert_layout(ckpt)
+    layout = expert_layout(ckpt, scoring=False)
     facts = _layout_facts(layout, ckpt.fingerprint)
     facts["total_bytes"] = ckpt.total_bytes
+    facts["quantization"] = {
+        "method": layout.quant.method, "description": layout.quant.describe(),
+        "expert_encodings": list(layout.encodings), "scorable": layout.scorable,
+        **({"why_not": layout.unscorable} if layout.unscorable else {})}
     if args.json:
         print(json.dumps(facts, indent=1))
         return 0
@@ -82,6 +86,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"experts per layer {layout.num_experts}, top_k {layout.top_k}")
     print(f"weights           {human_bytes(ckpt.total_bytes)}, of which routed experts "
           f"{human_bytes(facts['routed_expert_bytes'])}")
+    print(f"quantization      {layout.quant.describe()}; experts stored as "
+          f"{', '.join(layout.encodings) or 'an unknown encoding'}")
+    if layout.scorable:
+        print("AIMER scoring     yes (scores dequantized weights)")
+    else:
+        print("AIMER scoring     no: prune with a plan file (`plan`), which needs no scores")
+        print(f"                  {str(layout.unscorable).removeprefix('vllm-aimer: ')}")
     print(f"max prune ratio   {facts['max_prune_ratio']:.4g}")
     print(f"checkpoint        {ckpt.fingerprint}")
     return 0

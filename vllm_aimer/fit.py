@@ -399,7 +399,7 @@ def facts_from_checkpoint(directory: str | Path) -> ModelFacts:
     ckpt = open_checkpoint(directory)
     arch = architecture_for(ckpt.config, purpose="headers")
     if arch.serving:
-        layout = expert_layout(ckpt)  # also validates the expert tensors
+        layout = expert_layout(ckpt, scoring=False)  # also places every expert tensor
         num_experts, top_k, layers = layout.num_experts, layout.top_k, layout.layers
         routed = sum(sum(layout.expert_bytes[layer]) for layer in layers)
     else:

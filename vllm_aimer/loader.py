@@ -70,7 +70,10 @@ class AimerModelLoader(DefaultModelLoader):
             folder, _, _, _ = self._prepare_weights(folder, None, model_config.revision,
                                                     False, None)
         ckpt = open_checkpoint(folder)
-        layout = expert_layout(ckpt)
+        # A plan file (or ratio 0) needs no scores: any encoding the stream can rename
+        # or slice loads; scoring needs a decoder for every expert projection.
+        needs_scores = self.options.plan is None and bool(self.options.prune_ratio)
+        layout = expert_layout(ckpt, scoring=needs_scores)
         plan_out = (ensure_writable_dir(self.options.plan_out, "plan_out")
                     if self.options.plan_out else None)
         plan, source, seconds = self._make_plan(ckpt, layout)
