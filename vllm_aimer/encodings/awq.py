@@ -52,9 +52,9 @@ class AwqScorer(MatrixScorer):
         zero = f64(unpack_awq(f.get_tensor(self.qzeros.name)))
         buckets = GroupBuckets(groups, cols)
         sl = f.get_slice(self.qweight.name)
-        for span in row_spans(rows, cols, chunk_elements):
+        for span in row_spans(rows, cols, chunk_elements, align=self.group):
             g = torch.arange(span.start, span.stop) // self.group
-            buckets.add(f64(unpack_awq(sl[span])) - zero[g], g)
+            buckets.add_runs(f64(unpack_awq(sl[span])) - zero[g], span.start, self.group)
         buckets.finish(acc, f64(f.get_tensor(self.scales.name)))
 
 

@@ -260,23 +260,46 @@ def add_block_scaled(acc: Sums, values: torch.Tensor, scale: torch.Tensor,
 
 
 class GroupBuckets:
-    """Sums of |v| and v^2 per (group, column) over rows whose group is given by an
-    index (GPTQ/AWQ groups along the input rows, act-order `g_idx` included); times
-    |scale| and scale^2 [groups, columns] at the end."""
+    """Sums of |v| and v^2 per (group, column) over rows whose group is known (GPTQ/AWQ
+    groups along the input rows, act-order `g_idx` included); times |scale| and
+    scale^2 [groups, columns] at the end."""
 
     def __init__(self, groups: int, cols: int) -> None:
         self.abs = torch.zeros(groups, cols, dtype=torch.float64)
         self.sq = torch.zeros(groups, cols, dtype=torch.float64)
         self.numel = 0
 
-    def add(self, values: torch.Tensor, group_of_row: torch.Tensor) -> None:
-        self.abs.index_add_(0, group_of_row, values.abs())
-        self.sq.index_add_(0, group_of_row, values * values)
+    def add_runs(self, values: torch.Tensor, first_row: int, group: int) -> None:
+        """Rows `first_row`... in groups of `group` consecutive rows (first_row is a
+        multiple of `group`)."""
+        rows, cols = values.shape
+        n = ceil_div(rows, group)
+        if n * group != rows:
+            values = torch.cat([values, values.new_zeros(n * group - rows, cols)])
+        v = values.view(n, group, cols)
+        g0 = first_row // group
+        self.abs[g0:g0 + n] += v.abs().sum(1)
+        self.sq[g0:g0 + n] += (v * v).sum(1)
+        self.numel += rows * cols
+
+    def add_indexed(self, values: torch.Tensor, group_of_row: torch.Tensor) -> None:
+        """Rows in any groups (act-order): a one-hot [groups, rows] product, exact in
+        float64 (each term is 1 x value)."""
+        onehot = one_hot(group_of_row, self.abs.shape[0])
+        self.abs += onehot @ values.abs()
+        self.sq += onehot @ (values * values)
         self.numel += values.numel()
 
     def finish(self, acc: Sums, scale: torch.Tensor) -> None:
         acc.add_totals(float((self.abs * scale.abs()).sum()),
                        float((self.sq * scale * scale).sum()), self.numel)
+
+
+def one_hot(index: torch.Tensor, classes: int) -> torch.Tensor:
+    """float64 [classes, len(index)] with a 1 at (index[i], i)."""
+    out = torch.zeros(classes, index.numel(), dtype=torch.float64)
+    out[index, torch.arange(index.numel())] = 1.0
+    return out
 
 
 def col_group_sums(values: torch.Tensor, group_size: int | None,
@@ -285,9 +308,8 @@ def col_group_sums(values: torch.Tensor, group_size: int | None,
     runs of `group_size`, or by `g_idx` (column -> group)."""
     rows, cols = values.shape
     if g_idx is not None:
-        a = values.new_zeros(rows, groups).index_add_(1, g_idx, values.abs())
-        q = values.new_zeros(rows, groups).index_add_(1, g_idx, values * values)
-        return a, q
+        onehot = one_hot(g_idx, groups).t()
+        return values.abs() @ onehot, (values * values) @ onehot
     g = group_size or cols
     if groups * g != cols:
         padded = values.new_zeros(rows, groups * g)
@@ -295,6 +317,11 @@ def col_group_sums(values: torch.Tensor, group_size: int | None,
         values = padded
     v = values.view(rows, groups, g)
     return v.abs().sum(-1), (v * v).sum(-1)
+
+
+def runs_of(g_idx: torch.Tensor, group: int) -> bool:
+    """Whether a g_idx is the trivial k // group (no act-order)."""
+    return bool(torch.equal(g_idx, torch.arange(g_idx.numel()) // group))
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from vllm_aimer.encodings.base import (Encoding, GroupBuckets, MatrixScorer, Projection,
                                        QuantConfig, Sums, ceil_div, f64, has, only, refuse,
-                                       row_spans, unpack_int32)
+                                       row_spans, runs_of, unpack_int32)
 
 SUFFIXES = frozenset({"qweight", "qzeros", "scales", "g_idx", "bias"})
 BITS = (2, 4, 8)
@@ -64,10 +64,16 @@ class GptqScorer(MatrixScorer):
             zero = zero + self.zero_offset
         buckets = GroupBuckets(groups, cols)
         sl = f.get_slice(self.qweight.name)
-        for span in row_spans(packed_rows, cols * per, chunk_elements):
+        # Without act-order a group is `group` consecutive rows: chunks of whole groups.
+        in_runs = runs_of(g_idx, self.group)
+        align = max(1, self.group // per) if in_runs else 1
+        for span in row_spans(packed_rows, cols * per, chunk_elements, align=align):
             q = f64(unpack_int32(sl[span], self.bits, 0))
             g = g_idx[span.start * per: span.stop * per]
-            buckets.add(q - zero[g], g)
+            if in_runs:
+                buckets.add_runs(q - zero[g], span.start * per, self.group)
+            else:
+                buckets.add_indexed(q - zero[g], g)
         buckets.finish(acc, f64(f.get_tensor(self.scales.name)))
 
 
