@@ -252,8 +252,9 @@ def test_serving_and_fit_lookups_accept_ernie():
     config = load("ernie-4.5-21b-a3b")
     assert architecture_for(config).family == "ernie4_5_moe"
     assert architecture_for(config, purpose="fit").family == "ernie4_5_moe"
-    assert SUPPORTED_FAMILIES == ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "deepseek",
-                                  "glm4_moe", "ernie4_5_moe", "llama4", "gpt_oss")
+    assert SUPPORTED_FAMILIES == ("qwen3_moe", "qwen3_vl_moe", "olmoe", "mixtral", "qwen2_moe",
+                                  "deepseek", "glm4_moe", "deepseek_v32", "glm_moe_dsa",
+                                  "glm4_moe_lite", "kimi_k2", "ernie4_5_moe", "llama4", "gpt_oss")
     # fit sizes from config only the families whose shapes fit.py models; the others
     # from a checkpoint's headers.
     assert FIT_FAMILIES == ("qwen3_moe", "olmoe", "mixtral", "ernie4_5_moe")
