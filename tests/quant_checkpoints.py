@@ -167,7 +167,9 @@ def build(directory: Path, fmt: Format, family: str = "qwen3_moe", layers: int =
             8, 8, generator=g).to(torch.bfloat16)
     config: dict[str, Any] = {
         "model_type": family, "num_hidden_layers": layers, "hidden_size": h,
-        "num_experts_per_tok": top_k, "torch_dtype": "bfloat16"}
+        "num_experts_per_tok": top_k, "torch_dtype": "bfloat16", "vocab_size": 32,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "max_position_embeddings": 512}
     if family == "mixtral":
         config |= {"architectures": ["MixtralForCausalLM"], "num_local_experts": experts,
                    "intermediate_size": i}
