@@ -16,7 +16,7 @@ import torch
 
 from vllm_aimer.encodings.base import (Encoding, GroupBuckets, MatrixScorer, Projection,
                                        QuantConfig, Sums, ceil_div, f64, has, only, refuse,
-                                       row_spans, unpack_int32)
+                                       codes_u8, row_spans)
 
 SUFFIXES = frozenset({"qweight", "qzeros", "scales", "bias"})
 # Column c (mod 8) of a word sits at nibble AWQ_ORDER[c]; AutoAWQ packs columns in the
@@ -31,11 +31,9 @@ def _matches(quant: QuantConfig, proj: Projection) -> bool:
             and only(proj, SUFFIXES))
 
 
-def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [rows, N/8] -> 4-bit codes [rows, N] in column order (int64)."""
-    nibbles = unpack_int32(packed, 4, 1)                    # [rows, N], nibble order
-    rows, cols = nibbles.shape
-    return nibbles.view(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)].reshape(rows, cols)
+def nibble_columns(cols: int) -> torch.Tensor:
+    """The column each nibble position holds: 8j + i -> 8j + PACK_ORDER[i]."""
+    return torch.arange(cols) // 8 * 8 + torch.tensor(PACK_ORDER).repeat(cols // 8)
 
 
 class AwqScorer(MatrixScorer):
@@ -49,13 +47,18 @@ class AwqScorer(MatrixScorer):
         rows = self.qweight.shape[0]
         cols = self.qweight.shape[1] * 8
         groups = self.scales.shape[0]
-        zero = f64(unpack_awq(f.get_tensor(self.qzeros.name)))
+        # Sums do not care about column order: codes and zero points stay in nibble order
+        # (both packed alike) and the scales are put in that order instead.
+        zero = codes_u8(f.get_tensor(self.qzeros.name), 4).to(torch.float32)
+        scale = f64(f.get_tensor(self.scales.name))[:, nibble_columns(cols)]
         buckets = GroupBuckets(groups, cols)
         sl = f.get_slice(self.qweight.name)
-        for span in row_spans(rows, cols, chunk_elements, align=self.group):
+        for span in row_spans(rows, cols, chunk_elements):
             g = torch.arange(span.start, span.stop) // self.group
-            buckets.add_runs(f64(unpack_awq(sl[span])) - zero[g], span.start, self.group)
-        buckets.finish(acc, f64(f.get_tensor(self.scales.name)))
+            v = codes_u8(sl[span], 4).to(torch.float32) - zero[g]
+            buckets.add_row_sums(v.abs(), v * v, span.start, self.group)
+            buckets.numel += v.numel()
+        buckets.finish(acc, scale)
 
 
 def _scorer(quant: QuantConfig, proj: Projection) -> AwqScorer:

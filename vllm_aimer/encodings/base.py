@@ -240,23 +240,54 @@ def f64(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64)
 
 
+_RUN = 128
+"""Float32 partial sums run over at most this many values: sums of |code| and code^2 of
+integer codes (|code| <= 255) are then exact, and float8/FP4 ones within ~1e-7."""
+
+
+def abs_sq_sums(v: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of |v| and v^2 over `dim` of a float32 tensor, as float64: float32 partials
+    over runs of at most 128 values (exact for integer codes), float64 beyond."""
+    dim = dim % v.dim()
+    n = v.shape[dim]
+    if n <= _RUN:
+        return v.abs().sum(dim).to(torch.float64), (v * v).sum(dim).to(torch.float64)
+    runs = ceil_div(n, _RUN)
+    if runs * _RUN != n:
+        pad = [0, 0] * (v.dim() - 1 - dim) + [0, runs * _RUN - n]
+        v = torch.nn.functional.pad(v, pad)
+    v = v.unflatten(dim, (runs, _RUN))
+    return (v.abs().sum(dim + 1).to(torch.float64).sum(dim),
+            (v * v).sum(dim + 1).to(torch.float64).sum(dim))
+
+
 def add_block_scaled(acc: Sums, values: torch.Tensor, scale: torch.Tensor,
                      block: tuple[int, int]) -> None:
-    """Add values [rows, cols] (float64 codes, zero points removed) times scale
+    """Add values [rows, cols] (float32 codes, zero points removed) times scale
     [ceil(rows/br), ceil(cols/bc)], one scale per (br, bc) block: per block sums of
-    |v| and v^2, times |s| and s^2."""
+    |v| and v^2, times |s| and s^2 in float64."""
     rows, cols = values.shape
     br, bc = block
-    rb, cb = -(-rows // br), -(-cols // bc)
+    rb, cb = ceil_div(rows, br), ceil_div(cols, bc)
     if (rb * br, cb * bc) != (rows, cols):
-        padded = values.new_zeros(rb * br, cb * bc)
-        padded[:rows, :cols] = values
-        values = padded
-    blocks = values.view(rb, br, cb, bc)
-    a = blocks.abs().sum(dim=(1, 3))
-    q = (blocks * blocks).sum(dim=(1, 3))
-    s = scale.reshape(rb, cb)
+        values = torch.nn.functional.pad(values, (0, cb * bc - cols, 0, rb * br - rows))
+    a, q = abs_sq_sums(values.view(rb, br, cb, bc), 3)        # [rb, br, cb]
+    a, q = a.sum(1), q.sum(1)
+    s = scale.reshape(rb, cb).to(torch.float64)
     acc.add_totals(float((a * s.abs()).sum()), float((q * s * s).sum()), rows * cols)
+
+
+def codes_u8(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned `bits`-wide fields of int32 words (low bits first) as uint8, field i of
+    word w at index w * (32/bits) + i along the last dim (little-endian bytes)."""
+    b = words.contiguous().view(torch.uint8)
+    if bits == 8:
+        return b
+    if bits == 4:
+        return torch.stack((b & 0xF, b >> 4), -1).flatten(-2)
+    if bits == 2:
+        return torch.stack([(b >> s) & 0x3 for s in (0, 2, 4, 6)], -1).flatten(-2)
+    return unpack_int32(words, bits, words.dim() - 1).to(torch.uint8)
 
 
 class GroupBuckets:
@@ -290,9 +321,32 @@ class GroupBuckets:
         self.sq += onehot @ (values * values)
         self.numel += values.numel()
 
+    def add_row_sums(self, a: torch.Tensor, q: torch.Tensor, first_row: int, group: int) -> None:
+        """Per-row sums a = |v|, q = v^2 (float32 [rows, cols]) of consecutive rows from
+        `first_row`, in groups of `group` consecutive rows: summed per group (float32
+        over at most 16 rows, exact for integer codes; float64 beyond)."""
+        rows = a.shape[0]
+        r = 0
+        while r < rows:
+            g = (first_row + r) // group
+            stop = min(rows, (g + 1) * group - first_row)
+            self.abs[g] += _sum_rows(a[r:stop])
+            self.sq[g] += _sum_rows(q[r:stop])
+            r = stop
+
     def finish(self, acc: Sums, scale: torch.Tensor) -> None:
         acc.add_totals(float((self.abs * scale.abs()).sum()),
                        float((self.sq * scale * scale).sum()), self.numel)
+
+
+def _sum_rows(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    if n <= 16:
+        return x.sum(0).to(torch.float64)
+    runs = ceil_div(n, 16)
+    if runs * 16 != n:
+        x = torch.cat([x, x.new_zeros(runs * 16 - n, *x.shape[1:])])
+    return x.view(runs, 16, *x.shape[1:]).sum(1).to(torch.float64).sum(0)
 
 
 def one_hot(index: torch.Tensor, classes: int) -> torch.Tensor:
@@ -340,17 +394,19 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                            -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=torch.float64)
 _BYTES = torch.arange(256)
-FP4_BYTE_ABS = FP4_VALUES[_BYTES & 0xF].abs() + FP4_VALUES[_BYTES >> 4].abs()
-"""Per byte: the sum of |v| over its two FP4 values (exact in float64)."""
-FP4_BYTE_SQ = FP4_VALUES[_BYTES & 0xF] ** 2 + FP4_VALUES[_BYTES >> 4] ** 2
+FP4_BYTE_ABS = (FP4_VALUES[_BYTES & 0xF].abs() + FP4_VALUES[_BYTES >> 4].abs()).float()
+"""Per byte: the sum of |v| over its two FP4 values (exact in float32)."""
+FP4_BYTE_SQ = (FP4_VALUES[_BYTES & 0xF] ** 2 + FP4_VALUES[_BYTES >> 4] ** 2).float()
 
 
 def add_fp4_groups(acc: Sums, packed: torch.Tensor, scale: torch.Tensor) -> None:
     """Add FP4 bytes [rows, groups, bytes per group] with one float64 scale per group
-    [rows, groups]: per group sum|v| x |s| and sum v^2 x s^2."""
+    [rows, groups]: per group sum|v| x |s| and sum v^2 x s^2 (group sums of at most 16
+    bytes are exact in float32)."""
     idx = packed.to(torch.long)
-    acc.add_totals(float((FP4_BYTE_ABS[idx].sum(-1) * scale.abs()).sum()),
-                   float((FP4_BYTE_SQ[idx].sum(-1) * scale * scale).sum()),
+    a = torch.take(FP4_BYTE_ABS, idx).sum(-1).to(torch.float64)
+    q = torch.take(FP4_BYTE_SQ, idx).sum(-1).to(torch.float64)
+    acc.add_totals(float((a * scale.abs()).sum()), float((q * scale * scale).sum()),
                    packed.numel() * 2)
 
 

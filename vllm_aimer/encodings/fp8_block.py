@@ -49,7 +49,7 @@ class BlockFp8Scorer(MatrixScorer):
         rows, cols = self.weight.shape[-2:]
         br, bc = self.block
         for span in row_spans(rows, cols, chunk_elements, align=br):
-            w = f64(sl[(*lead, span)])
+            w = sl[(*lead, span)].to(torch.float32)
             s = f64(ssl[(*lead, slice(span.start // br, ceil_div(span.stop, br)))])
             add_block_scaled(acc, w, s, self.block)
 

@@ -72,7 +72,7 @@ class ScaledFp8Scorer(MatrixScorer):
         sl = f.get_slice(self.weight.name)
         for span in row_spans(rows, cols, chunk_elements, align=tile[0]):
             s = scale[span.start // tile[0]: ceil_div(span.stop, tile[0])]
-            add_block_scaled(acc, f64(sl[span]), s, tile)
+            add_block_scaled(acc, sl[span].to(torch.float32), s, tile)
 
 
 def _scorer(quant: QuantConfig, proj: Projection) -> ScaledFp8Scorer:

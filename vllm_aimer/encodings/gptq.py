@@ -20,7 +20,7 @@ import torch
 
 from vllm_aimer.encodings.base import (Encoding, GroupBuckets, MatrixScorer, Projection,
                                        QuantConfig, Sums, ceil_div, f64, has, only, refuse,
-                                       row_spans, runs_of, unpack_int32)
+                                       codes_u8, row_spans, runs_of, unpack_int32)
 
 SUFFIXES = frozenset({"qweight", "qzeros", "scales", "g_idx", "bias"})
 BITS = (2, 4, 8)
@@ -57,23 +57,27 @@ class GptqScorer(MatrixScorer):
             raise refuse(self.proj, f"{self.g_idx.name if self.g_idx else 'g_idx'} names groups "
                          f"outside 0..{groups - 1}.", "check the checkpoint's tensors.")
         if self.zero_offset is None:
-            zero = torch.full((groups, cols), float(1 << (self.bits - 1)), dtype=torch.float64)
+            zero = torch.full((groups, cols), float(1 << (self.bits - 1)))
         else:
             assert self.qzeros is not None
-            zero = f64(unpack_int32(f.get_tensor(self.qzeros.name), self.bits, 1)[:, :cols])
+            zero = codes_u8(f.get_tensor(self.qzeros.name), self.bits)[:, :cols].to(torch.float32)
             zero = zero + self.zero_offset
         buckets = GroupBuckets(groups, cols)
         sl = f.get_slice(self.qweight.name)
-        # Without act-order a group is `group` consecutive rows: chunks of whole groups.
-        in_runs = runs_of(g_idx, self.group)
-        align = max(1, self.group // per) if in_runs else 1
-        for span in row_spans(packed_rows, cols * per, chunk_elements, align=align):
-            q = f64(unpack_int32(sl[span], self.bits, 0))
-            g = g_idx[span.start * per: span.stop * per]
-            if in_runs:
-                buckets.add_runs(q - zero[g], span.start * per, self.group)
-            else:
-                buckets.add_indexed(q - zero[g], g)
+        if runs_of(g_idx, self.group) and self.group % per == 0:
+            # Groups of `group` consecutive rows: a word's `per` rows share a group, its
+            # zero point and its scale, so codes reduce word by word.
+            for span in row_spans(packed_rows, cols * per, chunk_elements):
+                c = codes_u8(sl[span], self.bits).to(torch.float32)
+                v = c.view(-1, cols, per) - zero[g_idx[span.start * per: span.stop * per: per]][..., None]
+                buckets.add_row_sums(v.abs().sum(-1), (v * v).sum(-1), span.start,
+                                     self.group // per)
+                buckets.numel += v.numel()
+        else:  # act-order: any row in any group
+            for span in row_spans(packed_rows, cols * per, chunk_elements):
+                q = f64(unpack_int32(sl[span], self.bits, 0))
+                g = g_idx[span.start * per: span.stop * per]
+                buckets.add_indexed(q - f64(zero)[g], g)
         buckets.finish(acc, f64(f.get_tensor(self.scales.name)))
 
 

@@ -37,12 +37,12 @@ class Int8Scorer(MatrixScorer):
         rows, cols = self.weight.shape
         tile = self.strategy.tile(rows, cols)
         scale = self.strategy.canonical(f64(f.get_tensor(self.scale.name)), rows)
-        zero = (self.strategy.canonical(f64(f.get_tensor(self.zero.name)), rows)
+        zero = (self.strategy.canonical(f.get_tensor(self.zero.name).to(torch.float32), rows)
                 if self.zero is not None else None)
         sl = f.get_slice(self.weight.name)
         for span in row_spans(rows, cols, chunk_elements, align=tile[0]):
             blocks = slice(span.start // tile[0], ceil_div(span.stop, tile[0]))
-            v = f64(sl[span])
+            v = sl[span].to(torch.float32)
             if zero is not None:
                 v = v - expand_tile(zero[blocks], tile, v.shape[0], cols)
             add_block_scaled(acc, v, scale[blocks], tile)

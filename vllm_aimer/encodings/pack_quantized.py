@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from vllm_aimer.encodings.base import (Encoding, MatrixScorer, Projection, QuantConfig, Sums,
-                                       ceil_div, col_group_sums, ct_scheme, f64, has, only,
-                                       refuse, row_spans, unpack_int32)
+                                       abs_sq_sums, ceil_div, codes_u8, col_group_sums,
+                                       ct_scheme, f64, has, only, refuse, row_spans,
+                                       unpack_int32)
 
 SUFFIXES = frozenset({"weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
                       "weight_g_idx", "bias"})
@@ -47,18 +48,28 @@ class PackQuantizedScorer(MatrixScorer):
                          f"fit {self.packed.name} {list(self.packed.shape)} and {self.groups} "
                          "scale groups.", "check the checkpoint's tensors.")
         scale = f64(f.get_tensor(self.scale.name))
-        g_idx = (f.get_tensor(self.g_idx.name).to(torch.long) if self.g_idx is not None
-                 else torch.arange(cols) // (self.group or cols))
-        if self.zero is not None:
-            zero = f64(unpack_int32(f.get_tensor(self.zero.name), self.bits, 0)[:rows])
-        sl = f.get_slice(self.packed.name)
         offset = float(1 << (self.bits - 1))
+        zero = (codes_u8(f.get_tensor(self.zero.name).t(), self.bits).t()[:rows].to(torch.float32)
+                if self.zero is not None else None)
+        sl = f.get_slice(self.packed.name)
+        group = self.group or cols
+        if self.g_idx is None and cols % group == 0:
+            # Groups of `group` consecutive columns: reduce codes group by group.
+            for span in row_spans(rows, cols, chunk_elements):
+                c = codes_u8(sl[span], self.bits)[:, :cols].to(torch.float32)
+                c = c.view(c.shape[0], self.groups, group)
+                # Stored values carry +2^(b-1); asymmetric zero points carry it too.
+                v = c - (zero[span][..., None] if zero is not None else offset)
+                a, q = abs_sq_sums(v, 2)
+                sc = scale[span]
+                acc.add_totals(float((a * sc.abs()).sum()), float((q * sc * sc).sum()), v.numel())
+            return
+        g_idx = (f.get_tensor(self.g_idx.name).to(torch.long) if self.g_idx is not None
+                 else torch.arange(cols) // group)
         for span in row_spans(rows, cols, chunk_elements):
             q = f64(unpack_int32(sl[span], self.bits, 1)[:, :cols])
-            # Stored values carry +2^(b-1); asymmetric zero points carry it too.
-            v = q - zero[span][:, g_idx] if self.zero is not None else q - offset
-            a, s2 = col_group_sums(v, None if self.g_idx is not None else (self.group or cols),
-                                   g_idx if self.g_idx is not None else None, self.groups)
+            v = q - f64(zero[span])[:, g_idx] if zero is not None else q - offset
+            a, s2 = col_group_sums(v, None, g_idx, self.groups)
             sc = scale[span]
             acc.add_totals(float((a * sc.abs()).sum()), float((s2 * sc * sc).sum()), v.numel())
 
