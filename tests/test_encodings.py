@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import quant_reference as qr
-from tests.quant_checkpoints import (EXPERT_TENSOR_RE, FORMATS, Format, build, projections,
+from tests.quant_checkpoints import (EXPERT_TENSOR_RE, FORMATS, build, projections,
                                      reference_scores)
 from vllm_aimer.checkpoint import TensorInfo, open_checkpoint
 from vllm_aimer.cli import main

@@ -11,7 +11,6 @@ values (the same arithmetic as dequantizing first, in float64).
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -155,14 +154,6 @@ def refuse(proj: Projection, what: str, fix: str) -> AimerError:
     return AimerError(f"expert tensors {proj.describe()}: {what}", fix)
 
 
-def need_shape(proj: Projection, suffix: str, want: Sequence[int], what: str) -> TensorInfo:
-    t = proj.tensors[suffix]
-    if tuple(t.shape) != tuple(want):
-        raise refuse(proj, f"{t.name} has shape {list(t.shape)}, expected {list(want)} "
-                     f"({what}).", "check the checkpoint's quantization_config against its tensors.")
-    return t
-
-
 # --------------------------------------------------------------------------- sums
 
 @dataclass
@@ -300,19 +291,6 @@ class GroupBuckets:
         self.sq = torch.zeros(groups, cols, dtype=torch.float64)
         self.numel = 0
 
-    def add_runs(self, values: torch.Tensor, first_row: int, group: int) -> None:
-        """Rows `first_row`... in groups of `group` consecutive rows (first_row is a
-        multiple of `group`)."""
-        rows, cols = values.shape
-        n = ceil_div(rows, group)
-        if n * group != rows:
-            values = torch.cat([values, values.new_zeros(n * group - rows, cols)])
-        v = values.view(n, group, cols)
-        g0 = first_row // group
-        self.abs[g0:g0 + n] += v.abs().sum(1)
-        self.sq[g0:g0 + n] += (v * v).sum(1)
-        self.numel += rows * cols
-
     def add_indexed(self, values: torch.Tensor, group_of_row: torch.Tensor) -> None:
         """Rows in any groups (act-order): a one-hot [groups, rows] product, exact in
         float64 (each term is 1 x value)."""
@@ -440,7 +418,3 @@ def only(proj: Projection, allowed: frozenset[str]) -> bool:
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def log2_int(x: int) -> int:
-    return int(math.log2(x))
