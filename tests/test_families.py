@@ -315,8 +315,10 @@ def test_mxfp4_scores_are_dequantized_aimer(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("drop, match", [
-    ("model.layers.2.mlp.experts.down_proj_scales", r"down_proj_blocks U8 .* does not come with"),
-    ("model.layers.1.mlp.experts.gate_up_proj_blocks", r"layer 1 expert 0 has no gate/up"),
+    ("model.layers.2.mlp.experts.down_proj_scales",
+     r"experts\.down_proj: _bias F32 .*_blocks U8 .*must come with `_scales`"),
+    ("model.layers.1.mlp.experts.gate_up_proj_blocks",
+     r"experts\.gate_up_proj: _bias F32 .*_scales U8 .*cannot decode"),
 ])
 def test_mxfp4_incomplete_checkpoint_is_refused(tiny_checkpoint, tmp_path, drop, match):
     import shutil
@@ -453,7 +455,7 @@ def test_fp8_weight_without_scales_is_refused(tiny_checkpoint, tmp_path):
     tensors = load_all(model)
     del tensors["model.layers.2.mlp.experts.5.up_proj.weight_scale_inv"]
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(AimerError, match=r"experts\.5\.up_proj\.weight .* has no block scales"):
+    with pytest.raises(AimerError, match=r"experts\.5\.up_proj: weight F8_E4M3 \[64, 64\] \(quantization: fp8\) .*cannot decode"):
         expert_layout(open_checkpoint(model))
 
 
@@ -470,3 +472,112 @@ def test_cli_inspect_and_score_know_the_groups(tiny_checkpoint, tmp_path, capsys
     err = capsys.readouterr().err
     assert "does not split evenly" in err and "ratios that work: 0, 0.25, 0.5, 0.75" in err
     assert not (tmp_path / "p").exists()
+
+
+# --------------------------------------------------------------------------- issue 12 families
+
+def _renamed(src, dst, config_edit, rename=lambda n: n, extra=None):
+    """A copy of a tiny checkpoint with its config edited and its tensors renamed."""
+    from safetensors.torch import save_file
+
+    dst.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(config_edit(config)))
+    tensors = {rename(n): t for n, t in load_all(src).items()}
+    tensors.update(extra or {})
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+# Same tensor names as the tiny model they are built from (confirmed in vLLM's model
+# files, see the entries in architectures.py); only config.json's model_type differs.
+ALIASES = [("kimi_k2", "deepseek_v3", "kimi_k2"), ("deepseek_v32", "deepseek_v3", "deepseek_v32"),
+           ("glm_moe_dsa", "deepseek_v3", "glm_moe_dsa"),
+           ("glm4_moe_lite", "glm4_moe", "glm4_moe_lite")]
+
+
+@pytest.mark.parametrize("model_type, base, family", ALIASES, ids=[a[0] for a in ALIASES])
+def test_alias_families_plan_and_stream(tiny_checkpoint, tmp_path, model_type, base, family):
+    model = _renamed(tiny_checkpoint(base), tmp_path / model_type,
+                     lambda c: c | {"model_type": model_type})
+    ckpt, layout, scores, plan = package(model)
+    assert layout.arch.family == family and layout.layers == (1, 2, 3)
+    assert (layout.n_group, layout.topk_group) == (4, 2)
+    pruned = assert_aimer_plan(model, layout, scores, plan, n_group=4)
+    got = stream(ckpt, layout, plan)
+    assert_stream_equals_reference(model, tmp_path, got, pruned)
+    assert sum(n.endswith("gate.e_score_correction_bias") for n in got) == 3
+
+
+def test_kimi_k25_prunes_its_text_model(tiny_checkpoint, tmp_path):
+    """Kimi-K2.5/K2.6: model_type kimi_k25, the DeepSeek-V3-style text model in
+    text_config (model_type kimi_k2) under `language_model.`; the vision tower and
+    projector pass through. The plan and stream are the text model's, prefixed."""
+    text = _renamed(tiny_checkpoint("deepseek_v3"), tmp_path / "text",
+                    lambda c: c | {"model_type": "kimi_k2"})
+    vision = {"vision_tower.encoder.blocks.0.wqkv.weight": torch.ones(4, 4),
+              "mm_projector.proj.0.weight": torch.ones(4, 4)}
+    mm = _renamed(text, tmp_path / "mm",
+                  lambda c: {"model_type": "kimi_k25",
+                             "architectures": ["KimiK25ForConditionalGeneration"],
+                             "text_config": c, "vision_config": {"model_type": "moonvit"}},
+                  lambda n: f"language_model.{n}", vision)
+    ckpt_t, layout_t, _, plan_t = package(text)
+    ckpt, layout, _, plan = package(mm)
+    assert layout.arch.family == "kimi_k2" and layout.layers == (1, 2, 3)
+    assert plan.pruned_experts() == plan_t.pruned_experts()
+    want = stream(ckpt_t, layout_t, plan_t)
+    got = stream(ckpt, layout, plan)
+    assert sorted(got) == sorted([f"language_model.{n}" for n in want] + list(vision))
+    for name, t in want.items():
+        assert torch.equal(got[f"language_model.{name}"], t), name
+
+
+def test_qwen3_vl_moe_prunes_its_fused_transposed_text_experts(tiny_checkpoint, tmp_path):
+    """Qwen3-VL-MoE: `model.language_model.layers.N.mlp.experts.gate_up_proj` [E, H, 2I]
+    and `down_proj` [E, I, H] (transposed, as vLLM's is_fused_checkpoint_transposed
+    says), config in text_config (qwen3_vl_moe_text); scores are the same entries as
+    the per-expert text model's, and the stream slices dim 0."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    src = tiny_checkpoint("qwen3_moe", fused=True)
+    visual = {"model.visual.blocks.0.attn.qkv.weight": torch.ones(4, 4)}
+
+    def rename(n):
+        return n.replace("model.", "model.language_model.", 1) if n.startswith("model.") else n
+
+    model = _renamed(src, tmp_path / "vl",
+                     lambda c: {"model_type": "qwen3_vl_moe",
+                                "architectures": ["Qwen3VLMoeForConditionalGeneration"],
+                                "text_config": c | {"model_type": "qwen3_vl_moe_text"},
+                                "vision_config": {"model_type": "qwen3_vl_moe"}},
+                     rename, visual)
+    # Transpose the fused experts as the releases store them.
+    from safetensors.torch import save_file
+    tensors = load_all(model)
+    for n in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        tensors[n] = tensors[n].transpose(1, 2).contiguous()
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    assert tensors["model.language_model.layers.0.mlp.experts.gate_up_proj"].shape == (16, 64, 128)
+
+    ckpt, layout, scores, plan = package(model)
+    assert layout.arch.family == "qwen3_vl_moe" and layout.layers == (0, 1, 2, 3)
+    want = reference_scores(tiny_checkpoint("qwen3_moe"))  # per-expert, same weights
+    for layer in layout.layers:
+        np.testing.assert_allclose(scores[layer], [want[layer][e] for e in range(16)], rtol=1e-6)
+    pruned = {int(k): v for k, v in plan.pruned_experts().items()}
+    assert pruned == reference_pruned(want, RATIO)
+    got = stream(ckpt, layout, plan)
+    assert sorted(got) == sorted(tensors)
+    mapping = RoutedExperts.build_expert_params_mapping(
+        "gate_proj", "down_proj", "up_proj", num_experts=8, include_fused=True)
+    for name, t in tensors.items():
+        layer_m = re.search(r"layers\.(\d+)\.mlp\.(experts\.\w+|gate\.weight)$", name)
+        if layer_m:
+            kept = [e for e in range(16) if e not in pruned[int(layer_m[1])]]
+            assert torch.equal(got[name], t[kept]), name
+            if "experts." in name:
+                params = {p for p, w, _, _ in mapping if w in name}
+                assert len(params) == 1, (name, params)
+        else:
+            assert torch.equal(got[name], t), name

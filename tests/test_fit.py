@@ -260,8 +260,9 @@ def test_serving_and_fit_lookups_accept_ernie():
     config = load("ernie-4.5-21b-a3b")
     assert architecture_for(config).family == "ernie4_5_moe"
     assert architecture_for(config, purpose="fit").family == "ernie4_5_moe"
-    assert SUPPORTED_FAMILIES == ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "deepseek",
-                                  "glm4_moe", "ernie4_5_moe", "llama4", "gpt_oss")
+    assert SUPPORTED_FAMILIES == ("qwen3_moe", "qwen3_vl_moe", "olmoe", "mixtral", "qwen2_moe",
+                                  "deepseek", "glm4_moe", "deepseek_v32", "glm_moe_dsa",
+                                  "glm4_moe_lite", "kimi_k2", "ernie4_5_moe", "llama4", "gpt_oss")
     # fit sizes from config only the families whose shapes fit.py models; the others
     # from a checkpoint's headers.
     assert FIT_FAMILIES == ("qwen3_moe", "olmoe", "mixtral", "ernie4_5_moe")
@@ -478,3 +479,68 @@ def test_bad_input_one_line_on_stderr(name, message, tmp_path, capsys):
     assert len(lines) == 1, err
     assert lines[0].startswith("vllm-aimer: error: ") and message in lines[0]
     assert "Fix: " in lines[0]
+
+
+# --------------------------------------------------------------------------- quantized releases
+
+# Published figures (no model hub here, so quoted from the releases' own pages):
+# - FP8: deepseek-ai/DeepSeek-V3's model card: "The total size of DeepSeek-V3 models on
+#   Hugging Face is 685B, which includes 671B of the Main Model weights and 14B of the
+#   Multi-Token Prediction (MTP) Module weights" (Hugging Face counts safetensors
+#   elements: float8 weights, float32 block scales, BF16 rest).
+# - INT4: moonshotai/Kimi-K2-Thinking, native INT4 (compressed-tensors pack-quantized,
+#   groups of 32, experts only): 594 GB of safetensors on Hugging Face.
+# The headers are rebuilt from each release's config.json and tensor naming
+# (tests/helpers/release_headers.py); fit then sizes them as it sizes any checkpoint.
+
+def test_fp8_release_deepseek_v3_is_sized_from_headers():
+    from tests.helpers.release_headers import fp8_block, release
+    from vllm_aimer.fit import facts_for_checkpoint
+
+    ckpt = release("deepseek-v3", linear=fp8_block, expert=fp8_block)
+    elements = sum(t.numel for t in ckpt.tensors.values())
+    main = sum(t.numel for n, t in ckpt.tensors.items() if not n.startswith("model.layers.61."))
+    assert elements / 1e9 == pytest.approx(685, rel=0.01)
+    assert main / 1e9 == pytest.approx(671, rel=0.01)
+    f = facts_for_checkpoint(ckpt)
+    assert (f.quantization, f.scorable, f.family) == ("fp8", True, "deepseek")
+    # Trunk MoE layers 3..60; layer 61 is the MTP layer, pruned alike but not a trunk layer.
+    assert f.moe_layers == tuple(range(3, 61)) and (f.num_experts, f.n_group) == (256, 8)
+    assert f.total_bytes == sum(t.nbytes for t in ckpt.tensors.values())
+    # Every routed expert: three float8 [2048, 7168]-sized matrices + their block scales.
+    assert f.routed_expert_bytes == 59 * 256 * 3 * (2048 * 7168 + 16 * 56 * 4)
+    assert f.total_bytes / 1e9 == pytest.approx(688.47, abs=0.01)
+
+
+def test_int4_release_kimi_k2_thinking_is_sized_from_headers():
+    from tests.helpers.release_headers import bf16, int4_g32, release
+    from vllm_aimer.fit import facts_for_checkpoint
+
+    ckpt = release("kimi-k2-thinking", linear=bf16, expert=int4_g32)
+    f = facts_for_checkpoint(ckpt)
+    assert f.total_bytes / 1e9 == pytest.approx(594, rel=0.01)
+    assert f.family == "kimi_k2" and f.scorable
+    assert f.quantization == "compressed-tensors (pack-quantized)"
+    # Packed codes (8 per int32), BF16 scales per 32, the int64 shape: per projection.
+    per_projection = 2048 * 7168 // 2 + 2048 * 7168 // 32 * 2 + 16
+    assert f.routed_expert_bytes == 60 * 384 * 3 * per_projection
+    report = plan_fit(f, fit_options(gpus=8), Path("/models/kimi-k2-thinking"))
+    row = report.requested
+    assert row is not None and row.fits and row.pruned_per_layer > 0
+    assert "stored compressed-tensors (pack-quantized)" in render_fit(report)
+    assert report.to_json()["quantization"] == "compressed-tensors (pack-quantized)"
+
+
+def test_quantized_tiny_checkpoint_sized_from_its_headers(tmp_path):
+    """A GPTQ checkpoint: every expert tensor (codes, scales, zeros, g_idx) counts, and
+    pruning k of E experts removes k/E of them."""
+    from tests.conftest import header_bytes
+    from tests.quant_checkpoints import FORMATS, build
+
+    model = build(tmp_path / "gptq", FORMATS["gptq-4b-g32-asym-v1"])
+    f = facts_from_checkpoint(model)
+    sizes = header_bytes(model)
+    assert f.total_bytes == sum(sizes.values())
+    experts = sum(b for n, b in sizes.items() if ".experts." in n)
+    assert f.routed_expert_bytes == experts and f.quantization == "gptq (4-bit, group 32)"
+    assert f.weight_bytes(4) == f.total_bytes - (experts + f.router_bytes) // 2

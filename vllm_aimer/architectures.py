@@ -93,7 +93,10 @@ class Architecture:
 
     @cached_property
     def _fused_re(self) -> re.Pattern[str]:
-        return re.compile(rf"^(?:.*\.)?{self.moe_block}\.experts\.(?P<proj>[A-Za-z_]+)(?:\.[A-Za-z_]+)?$")
+        # Anything under `experts.` that is not `experts.{id}.`: fused all-expert tensors.
+        # layout.py refuses names it cannot place (an unknown projection or suffix), so
+        # nothing under `experts.` reaches vLLM unsliced.
+        return re.compile(rf"^(?:.*\.)?{self.moe_block}\.experts\.(?P<rest>(?!\d+\.).+)$")
 
     @cached_property
     def _router_re(self) -> re.Pattern[str]:
@@ -107,15 +110,29 @@ class Architecture:
             return None
         return int(m["layer"]), int(m["expert"]), m["proj"]
 
+    def expert_suffix(self, name: str) -> str:
+        """What follows `<proj>.` in a per-expert tensor name (`weight`, `qweight`, ...)."""
+        m = self._per_expert_re.match(name)
+        assert m is not None, name
+        return m["tail"][len(m["proj"]) + 1:]
+
     def rename_expert(self, name: str, new_id: int) -> str:
         m = self._per_expert_re.match(name)
         assert m is not None, name
         return f"{m['head']}{new_id}.{m['tail']}"
 
     def match_fused(self, name: str) -> tuple[int, str] | None:
-        """(layer, projection name) of a fused all-experts tensor, else None."""
+        """(layer, name after `experts.`) of a fused all-experts tensor, else None."""
         m = self._fused_re.match(name)
-        return (int(m["layer"]), m["proj"]) if m else None
+        return (int(m["layer"]), m["rest"]) if m else None
+
+    def split_fused(self, rest: str, suffixes: frozenset[str]) -> tuple[str, str] | None:
+        """(projection, suffix) of a fused tensor's name after `experts.`, when it is a
+        known projection followed by one of `suffixes`; else None."""
+        for proj in sorted(self.fused_projections, key=len, reverse=True):
+            if rest.startswith(proj) and rest[len(proj):] in suffixes:
+                return proj, rest[len(proj):]
+        return None
 
     def match_router(self, name: str) -> int | None:
         """Layer of a router tensor indexed by expert, else None."""
@@ -176,6 +193,24 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         qk_norm="head",
     ),
     Architecture(
+        # Qwen3-VL MoE (qwen3_vl_moe.py): the text model is Qwen3-MoE under
+        # `model.language_model.` (hf_to_vllm_mapper), sized by text_config
+        # (model_type qwen3_vl_moe_text); experts are fused and stored transposed,
+        # `experts.gate_up_proj` [E, H, 2I] and `experts.down_proj` [E, I, H]
+        # (is_fused_checkpoint_transposed), router `mlp.gate.weight`. Vision tensors
+        # (`model.visual.*`) are not under a MoE block.
+        family="qwen3_vl_moe",
+        model_types=("qwen3_vl_moe", "qwen3_vl_moe_text"),
+        expert_count_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        **_MLP_EXPERTS,
+        moe_intermediate_keys=("moe_intermediate_size",),
+        moe_layer_step_keys=("decoder_sparse_step",),
+        dense_layer_list_keys=("mlp_only_layers",),
+        qk_norm="head",
+        fit=False,  # the vision tower and mrope are not modelled by fit.py
+    ),
+    Architecture(
         family="olmoe",
         model_types=("olmoe",),
         expert_count_keys=("num_experts", "num_local_experts"),
@@ -210,6 +245,24 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     ),
     _DEEPSEEK,
     replace(_DEEPSEEK, family="glm4_moe", model_types=("glm4_moe",), latent_kv_keys=()),
+    # DeepSeek-V3.2 (DSA): vLLM's CPU build serves it with DeepseekV3ForCausalLM and CUDA
+    # with models/deepseek_v32 (a DeepseekV2ForCausalLM subclass); both load experts with
+    # fused_moe_make_expert_params_mapping over `mlp.experts.{j}.{gate,up,down}_proj`, plus
+    # `mlp.gate.e_score_correction_bias`. The indexer's tensors are attention, untouched.
+    replace(_DEEPSEEK, family="deepseek_v32", model_types=("deepseek_v32",)),
+    # GLM-5 (glm_moe_dsa): models/deepseek_v32/__init__.py aliases GlmMoeDsaForCausalLM to
+    # the same DSA model (deepseek_v2.GlmMoeDsaForCausalLM on CPU): DeepSeek names, MLA.
+    replace(_DEEPSEEK, family="glm_moe_dsa", model_types=("glm_moe_dsa",)),
+    # GLM-4.7-Flash (glm4_moe_lite): glm4_moe_lite.py, MLA attention with GLM-4.5's MoE
+    # (Glm4MoE: `mlp.gate.weight` + `mlp.gate.e_score_correction_bias`, shared experts,
+    # first_k_dense_replace); experts mapped over `mlp.experts.{j}.{gate,up,down}_proj`.
+    replace(_DEEPSEEK, family="glm4_moe_lite", model_types=("glm4_moe_lite",)),
+    # Kimi-K2 / K2-Thinking (kimi_k2: transformers_utils/config.py maps it to
+    # DeepseekV3Config, served by deepseek_v2.py) and Kimi-K2.5/K2.6 (kimi_k25:
+    # kimi_k25.py runs DeepseekV2ForCausalLM on config.text_config, tensors under
+    # `language_model.model.layers.`; its hf_to_vllm_mapper also accepts the legacy
+    # `language_model.layers.`): DeepSeek-V3 names, 384 experts, n_group 1.
+    replace(_DEEPSEEK, family="kimi_k2", model_types=("kimi_k2", "kimi_k25")),
     Architecture(
         family="ernie4_5_moe",
         model_types=("ernie4_5_moe",),
@@ -258,9 +311,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         # column, down_proj [E, I, H], each with an [E, ...] bias (sliced, not scored).
         # MXFP4 releases store `<name>_blocks` (packed FP4) + `<name>_scales` (E8M0).
         projections={},
-        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",),
-                           "gate_up_proj_blocks": ("gate", "up"),
-                           "down_proj_blocks": ("down",)},
+        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
         router_tensors={"router.weight": 0, "router.bias": 0},
         moe_intermediate_keys=("intermediate_size",),
         fit=False,  # attention sinks and sliding layers are not modelled by fit.py

@@ -19,17 +19,14 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
+from vllm_aimer.dtypes import dtype_bits, tensor_bytes
 from vllm_aimer.errors import AimerError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-# Bytes per element of safetensors dtypes (sub-byte types count as fractions).
-DTYPE_BYTES: Mapping[str, float] = {
-    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
-    "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1,
-    "BOOL": 1, "F4": 0.5,
-}
+# ModelOpt before 0.31 keeps its quantization config beside config.json (vLLM reads it
+# when config.json has no quantization_config).
+HF_QUANT_CONFIG_NAME = "hf_quant_config.json"
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return int(self.numel * DTYPE_BYTES.get(self.dtype, 1))
+        return tensor_bytes(self.dtype, self.shape, self.name)
 
 
 @dataclass(frozen=True)
@@ -61,6 +58,8 @@ class Checkpoint:
     fingerprint: str
     """sha256 over config.json, the index, every shard's header and a small sample
     of its data (so two checkpoints of one architecture differ)."""
+    hf_quant_config: Mapping[str, Any] | None = None
+    """hf_quant_config.json, when config.json has no quantization_config (old ModelOpt)."""
 
     def path(self, file: str) -> Path:
         return self.directory / file
@@ -155,6 +154,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     digest = hashlib.sha256()
     digest.update(config_bytes)
     digest.update(index_bytes)
+    hf_quant_config = _hf_quant_config(directory, config, digest)
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         shard = directory / file
@@ -166,9 +166,33 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             with safe_open(shard, framework="pt") as f:
                 for name in f.keys():
                     sl = f.get_slice(name)
-                    tensors[name] = TensorInfo(name, file, sl.get_dtype(), tuple(sl.get_shape()))
+                    dtype = sl.get_dtype()
+                    dtype_bits(dtype, name)  # an unknown dtype fails here, not later
+                    tensors[name] = TensorInfo(name, file, dtype, tuple(sl.get_shape()))
         except SafetensorError as e:
             raise AimerError(f"shard {shard} is unreadable or truncated ({e}).",
                              "re-download or re-copy this shard.") from None
         digest.update(_data_sample(shard, len(header)))
-    return Checkpoint(directory, config, tuple(files), tensors, digest.hexdigest())
+    return Checkpoint(directory, config, tuple(files), tensors, digest.hexdigest(),
+                      hf_quant_config)
+
+
+def _hf_quant_config(directory: Path, config: Mapping[str, Any],
+                     digest: Any) -> Mapping[str, Any] | None:
+    """hf_quant_config.json when config.json has no quantization_config, as vLLM does
+    (transformers_utils/config.py); its bytes join the fingerprint."""
+    inner = config.get("text_config")
+    if config.get("quantization_config") or (
+            isinstance(inner, Mapping) and inner.get("quantization_config")):
+        return None
+    path = directory / HF_QUANT_CONFIG_NAME
+    if not path.is_file():
+        return None
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise AimerError(f"{path} is not valid JSON ({e}).",
+                         f"repair or re-download {HF_QUANT_CONFIG_NAME}.") from None
+    digest.update(raw)
+    return data if isinstance(data, Mapping) else None

@@ -128,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Check an external plan against a checkpoint and write it in our formats."""
     ckpt = open_checkpoint(args.model)
-    layout = expert_layout(ckpt)
+    layout = expert_layout(ckpt, scoring=False)
     plan = read_plan(args.plan, layout, ckpt.fingerprint)
     _print_plan(plan)
     if args.output:
@@ -140,9 +140,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     ep_size = _ep_size(args.ep_size)
     ckpt = open_checkpoint(args.model)
-    layout = expert_layout(ckpt)
+    layout = expert_layout(ckpt, scoring=False)
     facts = _layout_facts(layout, ckpt.fingerprint, ep_size)
     facts["total_bytes"] = ckpt.total_bytes
+    facts["quantization"] = {
+        "method": layout.quant.method, "description": layout.quant.describe(),
+        "expert_encodings": list(layout.encodings), "scorable": layout.scorable,
+        **({"why_not": layout.unscorable} if layout.unscorable else {})}
     if args.json:
         print(json.dumps(facts, indent=1))
         return 0
@@ -154,6 +158,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if layout.mtp_layers:
         print(f"MTP layers        {', '.join(map(str, layout.mtp_layers))} (pruned like a "
               "trunk layer, not counted in the ratio)")
+    print(f"quantization      {layout.quant.describe()}; experts stored as "
+          f"{', '.join(layout.encodings) or 'an unknown encoding'}")
+    if layout.scorable:
+        print("AIMER scoring     yes (scores dequantized weights)")
+    else:
+        print("AIMER scoring     no: prune with a plan file (`plan`), which needs no scores")
+        print(f"                  {str(layout.unscorable).removeprefix('vllm-aimer: ')}")
     print(f"max prune ratio   {facts['max_prune_ratio']:.4g}")
     where = f", {ep_size} expert-parallel ranks" if ep_size > 1 else ""
     print(f"safe prune ratios (the loader refuses others{where}):")

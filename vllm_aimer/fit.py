@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_aimer.architectures import Architecture, architecture_for, config_value, text_config
+from vllm_aimer.checkpoint import Checkpoint
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import expert_groups, expert_layout
 from vllm_aimer.constraints import (ANYWHERE, Deployment, Gpu, Router, allowed_prune_counts,
@@ -207,6 +208,10 @@ class ModelFacts:
     n_group: int = 1
     """Expert groups of a group-limited router (1: none); k must split over them."""
     topk_group: int = 1
+    quantization: str = "unquantized"
+    """The checkpoint's quantization (method and scheme), from its config."""
+    scorable: bool = True
+    """Whether AIMER can score the experts' encoding (else a plan file prunes them)."""
 
     @property
     def router(self) -> Router:
@@ -415,12 +420,22 @@ def facts_from_checkpoint(directory: str | Path) -> ModelFacts:
     beyond a 128 KiB identity sample per shard)."""
     from vllm_aimer.checkpoint import open_checkpoint
 
-    ckpt = open_checkpoint(directory)
+    return facts_for_checkpoint(open_checkpoint(directory))
+
+
+def facts_for_checkpoint(ckpt: Checkpoint) -> ModelFacts:
+    """Sizes from a checkpoint's headers: every tensor as stored (packed codes, scales,
+    zero points of quantized experts included), so quantized releases are sized
+    exactly; routed-expert bytes are all of each expert's tensors."""
     arch = architecture_for(ckpt.config, purpose="headers")
+    quantization, scorable = "unquantized", True
     if arch.serving:
-        layout = expert_layout(ckpt)  # also validates the expert tensors
+        layout = expert_layout(ckpt, scoring=False)  # also places every expert tensor
         num_experts, top_k, layers = layout.num_experts, layout.top_k, layout.layers
-        routed = sum(sum(layout.expert_bytes[layer]) for layer in layers)
+        # MTP layers lose the same k experts (the loader prunes them too), but the ratio
+        # and its k come from the trunk layers.
+        routed = sum(sum(layout.expert_bytes[layer]) for layer in layout.all_layers)
+        quantization, scorable = layout.quant.describe(), layout.scorable
     else:
         num_experts = config_value(ckpt.config, arch.expert_count_keys, "routed expert count")
         top_k = config_value(ckpt.config, arch.top_k_keys, "top_k (experts per token)")
@@ -457,7 +472,8 @@ def facts_from_checkpoint(directory: str | Path) -> ModelFacts:
         n_group=n_group, topk_group=topk_group,
         top_k=top_k, moe_layers=tuple(layers),
         moe_intermediate_size=_optional_int(text_config(ckpt.config), arch.moe_intermediate_keys),
-        total_bytes=ckpt.total_bytes, routed_expert_bytes=routed, router_bytes=router)
+        total_bytes=ckpt.total_bytes, routed_expert_bytes=routed, router_bytes=router,
+        quantization=quantization, scorable=scorable)
 
 
 def _has_safetensors(directory: Path) -> bool:
@@ -682,6 +698,8 @@ class FitReport:
             "top_k": f.top_k,
             "expert_parallel": opts.expert_parallel,
             "gpu": opts.gpu.value,
+            "quantization": f.quantization,
+            "aimer_scoring": f.scorable,
             "moe_layers": len(f.moe_layers),
             "max_ratio": f.max_pruned_per_layer / f.num_experts,
             "dense_weight_bytes": f.total_bytes,
@@ -743,6 +761,10 @@ def plan_fit(facts: ModelFacts, opts: FitOptions, model_dir: Path) -> FitReport:
     if not facts.serving:
         notes.append(f"{facts.family}: load-time pruning (--load-format aimer) is not "
                      "implemented for this family yet; fit only sizes it.")
+    if not facts.scorable:
+        notes.append(f"AIMER cannot score this checkpoint's expert encoding ({facts.quantization}): "
+                     "prune it with a plan file (`plan` in --model-loader-extra-config) instead "
+                     "of prune_ratio.")
     if facts.dtype_bytes == 4:
         notes.append("config dtype is float32: vLLM's --dtype auto serves float32 checkpoints "
                      "in 16 bits on GPUs, so these weight and KV figures are about twice what "
@@ -767,7 +789,8 @@ def render_fit(report: FitReport) -> str:
         f"max ratio {f.max_pruned_per_layer / f.num_experts:.4g} "
         f"(keeps {f.num_experts - f.max_pruned_per_layer})",
         f"weights   dense {gib(f.total_bytes)} (non-expert {gib(f.non_expert_bytes)}, routed "
-        f"experts + router {gib(f.prunable_bytes)}), {f.dtype}",
+        f"experts + router {gib(f.prunable_bytes)}), {f.dtype}"
+        + (f", stored {f.quantization}" if f.quantization != "unquantized" else ""),
         f"          at ratio {opts.ratio:g} ({k} of {f.num_experts} pruned per layer): "
         f"{gib(f.weight_bytes(k))}",
         f"KV cache  {kv_token} B/token ({kv_name}); budgeted {report.max_model_len} tokens x "

@@ -7,37 +7,25 @@ shared experts and attention never enter scoring or slicing.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from vllm_aimer.architectures import (ROLES, Architecture, architecture_for, config_value,
-                                      text_config)
+from vllm_aimer.architectures import ROLES, Architecture, architecture_for, config_value, text_config
 from vllm_aimer.checkpoint import Checkpoint, TensorInfo
+from vllm_aimer.encodings import FUSED_SUFFIXES, Projection, QuantConfig, Scorer, scorer_for
+from vllm_aimer.encodings.base import quant_config
 from vllm_aimer.errors import AimerError
-
-
-# Block-quantized FP8 weights (DeepSeek-V3, Qwen3-FP8): `<name>` in float8 with
-# `<name>_scale_inv` holding one float32 scale per block of the weight.
-FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
-SCALE_SUFFIX = "_scale_inv"
-DEFAULT_FP8_BLOCK = (128, 128)
-# MXFP4 (OCP microscaling, gpt-oss): `<name>_blocks` uint8 [..., groups, 16] packs two
-# FP4 (E2M1) values per byte, low nibble first; `<name>_scales` uint8 [..., groups]
-# holds one E8M0 exponent (bias 127) per group of 32 values.
-MXFP4_BLOCKS_SUFFIX = "_blocks"
-MXFP4_SCALES_SUFFIX = "_scales"
 
 
 @dataclass(frozen=True)
 class ScoredTensor:
-    """One tensor AIMER reads; `expert` is None for a fused tensor (dim 0 = expert)."""
+    """One projection AIMER reads; `expert` is None for a fused tensor (dim 0 = expert)."""
     info: TensorInfo
+    """Its main tensor (the weight or the packed codes)."""
     expert: int | None
-    scale: TensorInfo | None = None
-    """Block scales of an FP8 weight (dequantized value = weight x its block's scale)."""
-    block: tuple[int, int] = DEFAULT_FP8_BLOCK
-    """(rows, columns) of one scale block."""
-    mxfp4_scales: TensorInfo | None = None
-    """E8M0 group exponents of an MXFP4 `*_blocks` tensor (fused, dim 0 = expert)."""
+    scorer: Scorer
+    """Adds the projection's sums of |w| and w^2 (its encoding's decoder)."""
+    encoding: str
 
 
 @dataclass(frozen=True)
@@ -48,7 +36,7 @@ class ExpertLayout:
     layers: tuple[int, ...]
     """Indices of the MoE layers, ascending."""
     scored: dict[int, list[ScoredTensor]]
-    """Per layer: the gate/up/down weight tensors AIMER reads."""
+    """Per layer: the gate/up/down projections AIMER reads."""
     expert_bytes: dict[int, list[int]]
     """Per layer, per expert: bytes of all its tensors (weights, scales, biases)."""
     n_group: int = 1
@@ -58,6 +46,13 @@ class ExpertLayout:
     mtp_layers: tuple[int, ...] = ()
     """Indices of multi-token-prediction layers (>= num_hidden_layers), ascending: vLLM
     builds them with the same expert count, but they are not part of the trunk."""
+    quant: QuantConfig = field(default_factory=lambda: QuantConfig(None))
+    """The checkpoint's quantization config."""
+    encodings: tuple[str, ...] = ()
+    """Encodings of the routed experts' projections (sorted names)."""
+    unscorable: str | None = None
+    """Why AIMER cannot score these experts (only for layouts built with scoring=False,
+    which a plan file uses); None: every projection has a decoder."""
 
     @property
     def total_experts(self) -> int:
@@ -68,50 +63,75 @@ class ExpertLayout:
         """Trunk MoE layers, then MTP layers: every layer whose experts are scored and sliced."""
         return self.layers + self.mtp_layers
 
+    @property
+    def scorable(self) -> bool:
+        return self.unscorable is None
 
-def expert_layout(ckpt: Checkpoint) -> ExpertLayout:
+
+def expert_layout(ckpt: Checkpoint, scoring: bool = True) -> ExpertLayout:
+    """Where every routed expert's tensors are and how each projection is encoded.
+
+    Every tensor under a MoE block's `experts.` must be placed: a per-expert tensor of a
+    known projection (renamed when pruning), or a fused all-expert tensor of a known
+    projection with a suffix some encoding owns (sliced on dim 0); anything else is
+    refused. scoring=True also requires a decoder for every projection (AimerError
+    naming the format otherwise); scoring=False (a plan file, ratio 0, inspect, fit)
+    records why scoring would fail instead, since renaming and slicing do not depend
+    on the encoding.
+    """
     arch = architecture_for(ckpt.config)
     num_experts = config_value(ckpt.config, arch.expert_count_keys, "routed expert count")
     top_k = config_value(ckpt.config, arch.top_k_keys, "top_k (experts per token)")
     n_group, topk_group = expert_groups(ckpt.config, arch, num_experts)
+    quant = quant_config(ckpt)
 
-    scored: dict[int, list[ScoredTensor]] = defaultdict(list)
-    roles_seen: dict[tuple[int, int], set[str]] = defaultdict(set)
-    fused_roles: dict[int, set[str]] = defaultdict(set)
+    per_expert: dict[tuple[int, int, str], dict[str, TensorInfo]] = defaultdict(dict)
+    modules: dict[tuple[int, int, str] | tuple[int, str], str] = {}
+    fused: dict[tuple[int, str], dict[str, TensorInfo]] = defaultdict(dict)
     expert_bytes: dict[int, list[int]] = defaultdict(lambda: [0] * num_experts)
-
-    def check_id(layer: int, expert: int, name: str) -> None:
-        if expert >= num_experts:
-            raise AimerError(
-                f"tensor {name} names expert {expert} but config.json says there are "
-                f"{num_experts} routed experts per layer.",
-                "the checkpoint and its config.json disagree; re-download the checkpoint.")
 
     for info in ckpt.tensors.values():
         hit = arch.match_expert(info.name)
         if hit is not None:
             layer, expert, proj = hit
-            check_id(layer, expert, info.name)
+            if expert >= num_experts:
+                raise AimerError(
+                    f"tensor {info.name} names expert {expert} but config.json says there are "
+                    f"{num_experts} routed experts per layer.",
+                    "the checkpoint and its config.json disagree; re-download the checkpoint.")
+            if proj not in arch.projections:
+                raise AimerError(
+                    f"expert tensor {info.name}: {proj!r} is not a projection of a "
+                    f"{arch.family} expert (known: {', '.join(arch.projections) or 'none, experts are fused'}).",
+                    "use the checkpoint as released for this family.")
+            suffix = arch.expert_suffix(info.name)
+            per_expert[(layer, expert, proj)][suffix] = info
+            modules[(layer, expert, proj)] = info.name[: len(info.name) - len(suffix) - 1]
             expert_bytes[layer][expert] += info.nbytes
-            role = arch.projections.get(proj)
-            if role is not None and info.name.endswith(f"{proj}.weight"):
-                scored[layer].append(_scored(ckpt, info, expert))
-                roles_seen[(layer, expert)].add(role)
             continue
-        fused = arch.match_fused(info.name)
-        if fused is not None:
-            layer, proj = fused
+        hit_fused = arch.match_fused(info.name)
+        if hit_fused is not None:
+            layer, rest = hit_fused
+            split = arch.split_fused(rest, FUSED_SUFFIXES)
+            if split is None:
+                raise AimerError(
+                    f"tensor {info.name} sits under the routed experts but is neither a "
+                    f"per-expert tensor (`experts.<id>.<proj>.*`) nor a fused "
+                    f"{'/'.join(arch.fused_projections) or '(none)'} tensor with a known suffix "
+                    f"({', '.join(repr(s) for s in sorted(FUSED_SUFFIXES))}); vllm-aimer will not "
+                    "hand vLLM a tensor with rows of pruned experts.",
+                    "use the checkpoint in its released layout (per-expert or Hugging Face "
+                    "fused names).")
             if not info.shape or info.shape[0] != num_experts:
                 raise AimerError(
                     f"fused expert tensor {info.name} has shape {list(info.shape)}, "
                     f"expected {num_experts} experts on dim 0.",
                     "the checkpoint and its config.json disagree; re-download the checkpoint.")
+            proj, suffix = split
+            fused[(layer, proj)][suffix] = info
+            modules[(layer, proj)] = info.name[: len(info.name) - len(suffix)]
             share = info.nbytes // num_experts
             expert_bytes[layer] = [b + share for b in expert_bytes[layer]]
-            roles = arch.fused_projections.get(proj)
-            if roles and not info.name.endswith(("_bias", ".bias")):
-                scored[layer].append(_scored_fused(ckpt, info))
-                fused_roles[layer].update(roles)
 
     found = tuple(sorted(expert_bytes))
     layers, mtp_layers = split_mtp_layers(ckpt.config, arch, found)
@@ -119,18 +139,53 @@ def expert_layout(ckpt: Checkpoint) -> ExpertLayout:
         raise AimerError(
             f"found no routed-expert tensors for family {arch.family} in {ckpt.directory}.",
             "check that this is a Mixture-of-Experts checkpoint in Hugging Face layout.")
+
+    scored: dict[int, list[ScoredTensor]] = defaultdict(list)
+    roles: dict[tuple[int, int], set[str]] = defaultdict(set)
+    fused_roles: dict[int, set[str]] = defaultdict(set)
+    encodings: set[str] = set()
+    unscorable: str | None = None
+
+    def place(key: Any, tensors: dict[str, TensorInfo], expert: int | None) -> None:
+        nonlocal unscorable
+        proj = Projection(modules[key], tensors, expert is None, num_experts)
+        try:
+            encoding, scorer = scorer_for(quant, proj)
+        except AimerError as e:
+            if scoring:
+                raise
+            unscorable = unscorable or str(e)
+            return
+        encodings.add(encoding.name)
+        scored[key[0]].append(ScoredTensor(scorer.reads[0], expert, scorer, encoding.name))
+
+    for key, tensors in per_expert.items():
+        layer, expert, proj = key
+        roles[(layer, expert)].add(arch.projections[proj])
+        place(key, tensors, expert)
+    for key, tensors in fused.items():
+        layer, proj = key
+        if not arch.fused_projections[proj]:
+            continue
+        fused_roles[layer].update(arch.fused_projections[proj])
+        if set(tensors) <= {"_bias"}:
+            continue  # a bias alone (its weight is elsewhere): sliced, not scored
+        place(key, {s: t for s, t in tensors.items()}, None)
+
     for layer in found:
         for expert in range(num_experts):
-            have = roles_seen[(layer, expert)] | fused_roles[layer]
+            have = roles[(layer, expert)] | fused_roles[layer]
             missing = [r for r in ROLES if r not in have]
             if missing:
                 raise AimerError(
                     f"layer {layer} expert {expert} has no {'/'.join(missing)} projection "
-                    "weights in the checkpoint.",
-                    "the checkpoint is incomplete or in an unsupported layout; re-download it.")
+                    "tensors in the checkpoint.",
+                    "the checkpoint is incomplete (finish the download) or not in this "
+                    "family's layout.")
         scored[layer].sort(key=lambda s: (s.info.file, s.expert or 0, s.info.name))
     return ExpertLayout(arch, num_experts, top_k, layers, dict(scored), dict(expert_bytes),
-                        n_group, topk_group, mtp_layers)
+                        n_group, topk_group, mtp_layers, quant, tuple(sorted(encodings)),
+                        unscorable)
 
 
 def split_mtp_layers(config, arch: Architecture,
@@ -155,56 +210,6 @@ def split_mtp_layers(config, arch: Architecture,
             "the checkpoint and its config.json disagree; use the config.json released with "
             "these weights.")
     return trunk, mtp
-
-
-def _fp8_block(config) -> tuple[int, int]:
-    quant = text_config(config).get("quantization_config") or config.get("quantization_config")
-    block = quant.get("weight_block_size") if isinstance(quant, dict) else None
-    if isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) for b in block):
-        return block[0], block[1]
-    return DEFAULT_FP8_BLOCK
-
-
-def _scored(ckpt: Checkpoint, info: TensorInfo, expert: int | None) -> ScoredTensor:
-    """A weight to score (per expert, or fused with dim 0 = expert when `expert` is
-    None), with its block scales when it is FP8: `<name>_scale_inv` in the per-expert
-    layout, `experts.<name>_scale_inv` [E, row blocks, column blocks] when fused."""
-    if info.dtype not in FP8_DTYPES:
-        return ScoredTensor(info, expert)
-    scale = ckpt.tensors.get(info.name + SCALE_SUFFIX)
-    block = _fp8_block(ckpt.config)
-    lead = () if expert is not None else info.shape[:1]
-    if scale is None or len(info.shape) != 2 + len(lead):
-        raise AimerError(
-            f"FP8 expert weight {info.name} {list(info.shape)} has no block scales "
-            f"({info.name}{SCALE_SUFFIX}); AIMER scores dequantized weights.",
-            "use a block-quantized FP8 checkpoint (DeepSeek-V3 / Qwen3-FP8 style) or the "
-            "unquantized one.")
-    want = (*lead, *(-(-d // b) for d, b in zip(info.shape[len(lead):], block)))
-    if tuple(scale.shape) != want:
-        raise AimerError(
-            f"block scales {scale.name} have shape {list(scale.shape)}, expected {list(want)} "
-            f"for weight {list(info.shape)} in {block[0]}x{block[1]} blocks.",
-            "check quantization_config.weight_block_size in config.json.")
-    return ScoredTensor(info, expert, scale, block)
-
-
-def _scored_fused(ckpt: Checkpoint, info: TensorInfo) -> ScoredTensor:
-    """A fused all-experts weight to score, with its MXFP4 group scales when packed
-    (or its FP8 block scales)."""
-    if not info.name.endswith(MXFP4_BLOCKS_SUFFIX):
-        return _scored(ckpt, info, None)
-    base = info.name[: -len(MXFP4_BLOCKS_SUFFIX)]
-    scales = ckpt.tensors.get(base + MXFP4_SCALES_SUFFIX)
-    if (info.dtype != "U8" or scales is None or scales.dtype != "U8" or len(info.shape) != 4
-            or info.shape[-1] != 16 or tuple(scales.shape) != tuple(info.shape[:-1])):
-        raise AimerError(
-            f"MXFP4 expert tensor {info.name} {info.dtype} {list(info.shape)} does not come "
-            f"with {base}{MXFP4_SCALES_SUFFIX} of shape {list(info.shape[:-1])} in uint8 "
-            "(two FP4 values per byte, one E8M0 exponent per 32 values); AIMER scores "
-            "dequantized weights.",
-            "use the checkpoint as released (gpt-oss MXFP4 layout) or its BF16 release.")
-    return ScoredTensor(info, None, mxfp4_scales=scales)
 
 
 def expert_groups(config, arch: Architecture, num_experts: int) -> tuple[int, int]:

@@ -99,7 +99,10 @@ class AimerModelLoader(DefaultModelLoader):
             folder, _, _, _ = self._prepare_weights(folder, None, model_config.revision,
                                                     False, None)
         ckpt = open_checkpoint(folder)
-        layout = expert_layout(ckpt)
+        # A plan file (or ratio 0) needs no scores: any encoding the stream can rename
+        # or slice loads; scoring needs a decoder for every expert projection.
+        needs_scores = self.options.plan is None and bool(self.options.prune_ratio)
+        layout = expert_layout(ckpt, scoring=needs_scores)
         deployment = _deployment(vllm_config)
         if self.options.plan is not None or self.options.prune_ratio:
             _refuse_unproven(vllm_config)
@@ -145,6 +148,13 @@ class AimerModelLoader(DefaultModelLoader):
             seconds = 0.0
             if layout.mtp_layers and not plan.mtp_layers and plan.total_pruned:
                 # The authors' format never names MTP layers: choose theirs by AIMER.
+                if not layout.scorable:
+                    raise AimerError(
+                        f"plan {self.options.plan} does not name the checkpoint's MTP "
+                        f"layers {list(layout.mtp_layers)}, and AIMER cannot score them in "
+                        f"this format ({layout.unscorable}).",
+                        "add the MTP layers' pruned ids to the plan (same count as the "
+                        "other layers).")
                 _log_estimate(layout, layout.mtp_layers, ckpt)
                 result = score_checkpoint(ckpt, layout, layers=layout.mtp_layers)
                 plan, seconds = with_mtp_layers(plan, layout, result.scores), result.seconds
@@ -285,8 +295,8 @@ def _log_estimate(layout: ExpertLayout, layers: Iterable[int], ckpt: Checkpoint)
     """Scoring runs inside engine start-up, which vLLM's API server bounds."""
     from vllm import envs
 
-    scored = sum(st.info.nbytes + (st.scale.nbytes if st.scale else 0)
-                 for layer in layers for st in layout.scored[layer])
+    scored = sum(t.nbytes for layer in layers for st in layout.scored[layer]
+                 for t in st.scorer.reads)
     seconds = (scored + ckpt.total_bytes) / ESTIMATE_BYTES_PER_S
     timeout = envs.VLLM_ENGINE_READY_TIMEOUT_S
     logger.info("vllm-aimer: scoring %s of expert weights before loading %s; start-up "

@@ -270,27 +270,20 @@ def _update_config(directory: Path, **values: Any) -> None:
     write_json(directory / "config.json", config | values)
 
 
-_FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-
-
 def pack_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """MXFP4-quantize w [..., cols] (cols a multiple of 32) along its last dim:
     (blocks uint8 [..., cols/32, 16], scales uint8 [..., cols/32])."""
-    groups = w.to(torch.float32).reshape(*w.shape[:-1], -1, 32)
-    amax = groups.abs().amax(-1).clamp(min=2.0 ** -120)
-    # The smallest power of two that brings the group's largest value within 6.
-    exp = torch.ceil(torch.log2(amax / 6.0))
-    scaled = groups / torch.exp2(exp)[..., None]
-    code = (scaled.abs()[..., None] - _FP4_VALUES).abs().argmin(-1)
-    code = code | ((scaled < 0) & (code > 0)).to(torch.long) << 3
-    packed = (code[..., 0::2] | code[..., 1::2] << 4).to(torch.uint8)
-    return packed.contiguous(), (exp + 127).to(torch.uint8).contiguous()
+    from vllm_aimer.encodings import mxfp4
+
+    return mxfp4.encode_blocks(w)
 
 
 def quantize_experts_mxfp4(directory: Path) -> None:
     """Rewrite gpt-oss fused `experts.gate_up_proj` [E, H, 2I] and `experts.down_proj`
     [E, I, H] as `*_blocks` / `*_scales` over their [E, out, in] transposes, the layout
     of the gpt-oss MXFP4 releases, and record `quantization_config`."""
+    from vllm_aimer.encodings import mxfp4
+
     def transform(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, t in tensors.items():
@@ -301,25 +294,7 @@ def quantize_experts_mxfp4(directory: Path) -> None:
         return out
 
     _rewrite_tensors(directory, transform)
-    _update_config(directory, quantization_config={
-        "quant_method": "mxfp4",
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                   "model.embed_tokens", "lm_head"]})
-
-
-def _fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """float8_e4m3fn codes of a 2-D weight and float32 scales [ceil(rows/br), ceil(cols/bc)]
-    (block amax / 448): dequantized value = code x its block's scale."""
-    br, bc = block
-    w = w.to(torch.float32)
-    rows, cols = w.shape
-    sr, sc = -(-rows // br), -(-cols // bc)
-    padded = torch.zeros(sr * br, sc * bc)
-    padded[:rows, :cols] = w
-    blocks = padded.reshape(sr, br, sc, bc)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-    q = (blocks / scale[:, None, :, None]).reshape(sr * br, sc * bc)[:rows, :cols]
-    return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+    _update_config(directory, quantization_config=dict(mxfp4.quantization_config(fused=True)))
 
 
 def quantize_experts_fp8(directory: Path, block: tuple[int, int] = (128, 128),
@@ -333,28 +308,56 @@ def quantize_experts_fp8(directory: Path, block: tuple[int, int] = (128, 128),
     released checkpoints do); `ignored_layers`: vLLM module names left unquantized."""
     import re
 
-    per_expert = re.compile(r"\.experts\.\d+\.[^.]+\.weight$" + (f"|{also}" if also else ""))
+    from vllm_aimer.encodings import fp8_block
+
     fused = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
-    br, bc = block
 
     def transform(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, t in tensors.items():
-            if per_expert.search(name):
-                out[name], out[name + "_scale_inv"] = _fp8_blocks(t, block)
-            elif fused.search(name):
-                parts = [_fp8_blocks(t[e], block) for e in range(t.shape[0])]
-                out[name] = torch.stack([q for q, _ in parts]).contiguous()
-                out[name + "_scale_inv"] = torch.stack([s for _, s in parts]).contiguous()
+            if fused.search(name):
+                parts = [fp8_block.encode(t[e], block) for e in range(t.shape[0])]
+                out[name] = torch.stack([p["weight"] for p in parts]).contiguous()
+                out[name + "_scale_inv"] = torch.stack(
+                    [p["weight_scale_inv"] for p in parts]).contiguous()
             else:
                 out[name] = t
         return out
 
     _rewrite_tensors(directory, transform)
-    _update_config(directory, quantization_config={
-        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-        "weight_block_size": [br, bc],
-        **({"ignored_layers": ignored_layers} if ignored_layers else {})})
+    config = dict(fp8_block.quantization_config(block))
+    if ignored_layers:
+        config["ignored_layers"] = ignored_layers
+    quantize_experts(directory, lambda w: fp8_block.encode(w, block), config,
+                     pattern=_PER_EXPERT_WEIGHT + (f"|{also}" if also else ""))
+
+
+_PER_EXPERT_WEIGHT = r"\.experts\.\d+\.[^.]+\.weight$"
+
+
+def quantize_experts(directory: Path, encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+                     quantization_config: Any, pattern: str = _PER_EXPERT_WEIGHT) -> None:
+    """Rewrite every per-expert `experts.{id}.<proj>.weight` [out, in] (or every weight
+    `pattern` matches) as the tensors `encode` returns (`<proj>.<suffix>`), and record
+    `quantization_config`: a tiny checkpoint in any per-expert encoding of
+    vllm_aimer.encodings."""
+    import re
+
+    per_expert = re.compile(pattern)
+
+    def transform(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if per_expert.search(name) and t.is_floating_point() and t.element_size() > 1:
+                base = name.removesuffix("weight")
+                for suffix, q in encode(t).items():
+                    out[base + suffix] = q
+            else:
+                out[name] = t
+        return out
+
+    _rewrite_tensors(directory, transform)
+    _update_config(directory, quantization_config=dict(quantization_config))
 
 
 def fuse_experts(directory: Path, family: str) -> None:
