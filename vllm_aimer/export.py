@@ -447,11 +447,18 @@ def export_checkpoint(ckpt: Checkpoint, layout: ExpertLayout, plan: Plan, output
         (side / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
         _fsync_tree(tmp)
         _swap_into_place(tmp, output)
-    except BaseException:
+    except BaseException as e:
         for shard in shards:
             if shard.fd is not None:
                 os.close(shard.fd)
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise AimerError(
+                f"writing the export failed ({e.strerror or e}); nothing was left at "
+                f"{str(output)!r}" + (" (its previous contents are untouched)"
+                                      if output.exists() else "") + ".",
+                f"the export needs about {sum(s.nbytes for s in specs) / 1e9:.2f} GB beside "
+                f"{str(output)!r}: free space there or choose another --output.") from e
         raise
     return ExportResult(output, [s.file for s in shards], len(specs), total, copied, provenance)
 
