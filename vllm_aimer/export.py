@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from vllm_aimer import __version__
 from vllm_aimer.architectures import Architecture
@@ -315,8 +316,8 @@ def export_plan(ckpt: Checkpoint, layout: ExpertLayout, *, ratio: float | None =
         fmt = file_format(plan_path, ratio is not None)
         criterion = f"as decided by the plan file ({FORMATS[fmt]})"
         if layout.mtp_layers and not plan.mtp_layers and plan.total_pruned:
-            result = score_checkpoint(ckpt, layout, layers=layout.mtp_layers, progress=progress)
-            plan = with_mtp_layers(plan, layout, result.scores)
+            plan = with_mtp_layers(plan, layout, _scores(ckpt, layout, layout.mtp_layers,
+                                                         progress))
             criterion += "; MTP layers: " + AIMER_CRITERION
         return plan, criterion, f"plan file {Path(plan_path).resolve()} ({fmt})"
     if ratio is None:
@@ -328,9 +329,22 @@ def export_plan(ckpt: Checkpoint, layout: ExpertLayout, *, ratio: float | None =
         return identity_plan(layout, ckpt.fingerprint), AIMER_CRITERION, "ratio 0 (nothing pruned)"
     router = Router(layout.num_experts, layout.top_k, layout.n_group, layout.topk_group)
     prune_count(len(layout.layers), router, ratio)
-    result = score_checkpoint(ckpt, layout, progress=progress)
-    return (make_plan(layout, result.scores, ratio, ckpt.fingerprint), AIMER_CRITERION,
+    scores = _scores(ckpt, layout, layout.all_layers, progress)
+    return (make_plan(layout, scores, ratio, ckpt.fingerprint), AIMER_CRITERION,
             f"AIMER scores at ratio {ratio:g}")
+
+
+def _scores(ckpt: Checkpoint, layout: ExpertLayout, layers: tuple[int, ...],
+            progress: bool) -> dict[int, list[float]]:
+    """AIMER scores, one MoE layer per `score_checkpoint` call: each call closes the
+    shards it read, so the export's memory stays within one layer's experts of one shard
+    instead of a whole shard of mapped pages (the scores are the same: layers are
+    scored independently)."""
+    scores: dict[int, list[float]] = {}
+    for layer in tqdm(layers, desc="AIMER scoring MoE layers", unit="layer",
+                      disable=not progress, delay=1.0):
+        scores.update(score_checkpoint(ckpt, layout, progress=False, layers=[layer]).scores)
+    return scores
 
 
 @dataclass(frozen=True)
