@@ -297,3 +297,60 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# --------------------------------------------------------------------------- config.json
+
+def _plan_and_map(family: str, tiny_checkpoint):
+    """A real layout and a plan pruning experts 0..7 of every layer (for config tests)."""
+    from vllm_aimer.checkpoint import open_checkpoint
+    from vllm_aimer.layout import expert_layout
+    from vllm_aimer.plan import plan_from_pruned_experts
+    from vllm_aimer.weights import PlanMap
+
+    ckpt = open_checkpoint(tiny_checkpoint(family))
+    layout = expert_layout(ckpt)
+    plan = plan_from_pruned_experts(layout, {str(x): list(range(8)) for x in layout.layers},
+                                    ckpt.fingerprint, "test")
+    return layout, plan, PlanMap(layout, plan)
+
+
+def test_multimodal_config_gets_the_count_in_text_config(tiny_checkpoint):
+    from vllm_aimer.export import pruned_config
+
+    layout, plan, pmap = _plan_and_map("llama4", tiny_checkpoint)
+    config = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
+              "text_config": {"model_type": "llama4_text", "num_local_experts": 16,
+                              "num_experts_per_tok": 1},
+              "vision_config": {"num_hidden_layers": 2}}
+    out = pruned_config(config, layout, plan, pmap)
+    assert out["text_config"] == {"model_type": "llama4_text", "num_local_experts": 8,
+                                  "num_experts_per_tok": 1}
+    assert out["vision_config"] == config["vision_config"] and "num_local_experts" not in out
+    assert config["text_config"]["num_local_experts"] == 16  # the source dict is untouched
+
+
+def test_per_expert_quantization_entries_follow_the_plan(tiny_checkpoint):
+    """Experts 8..15 are kept and become 0..7; entries of experts 0..7 go."""
+    from vllm_aimer.errors import AimerError
+    from vllm_aimer.export import pruned_config
+
+    layout, plan, pmap = _plan_and_map("qwen3_moe", tiny_checkpoint)
+    config = {"model_type": "qwen3_moe", "num_experts": 16, "quantization_config": {
+        "quant_method": "fp8",
+        "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.gate",
+                                   "model.layers.0.mlp.experts.3.down_proj",
+                                   "model.layers.1.mlp.experts.12.gate_proj",
+                                   "model.layers.*.mlp.experts.*.up_proj"],
+        "dynamic": {"model.layers.2.mlp.experts.9": {"bits": 8},
+                    "model.layers.2.mlp.experts.1": {"bits": 8}}}}
+    out = pruned_config(config, layout, plan, pmap)
+    assert out["num_experts"] == 8 and out["num_local_experts"] == 8
+    q = out["quantization_config"]
+    assert q["modules_to_not_convert"] == ["lm_head", "model.layers.0.mlp.gate",
+                                           "model.layers.1.mlp.experts.4.gate_proj",
+                                           "model.layers.*.mlp.experts.*.up_proj"]
+    assert q["dynamic"] == {"model.layers.2.mlp.experts.1": {"bits": 8}}
+    config["quantization_config"]["ignore"] = [r"re:.*layers\.0\.mlp\.experts\.5\..*"]
+    with pytest.raises(AimerError, match="names routed experts by id"):
+        pruned_config(config, layout, plan, pmap)
