@@ -379,9 +379,10 @@ def check_layer_keys(layers: set[int], layout: ExpertLayout, where: str, fmt: st
                 f"decoder layer {trunk[0]}, {trunk[1] if len(trunk) > 1 else ''}... in that "
                 "order), or regenerate the plan for this checkpoint.")
         raise AimerError(
-            f"{where} names layer(s) {_short(stray)} that have no routed experts in this "
-            f"checkpoint (its MoE layers are {_short(trunk)}"
-            + (f", MTP layers {mtp}" if mtp else "") + ").", _REMAKE)
+            f"{where} is for a different checkpoint: it names {len(layers)} MoE layers "
+            f"{_short(layers)} but this checkpoint has {len(trunk)} MoE layers {_short(trunk)}"
+            + (f" (and MTP layers {mtp})" if mtp else "")
+            + f"; layer(s) {_short(stray)} have no routed experts here.", _REMAKE)
     missing = sorted(set(trunk) - layers)
     if missing and layers & set(trunk):
         if fmt == "vllm-ascend":
@@ -390,9 +391,10 @@ def check_layer_keys(layers: set[int], layout: ExpertLayout, where: str, fmt: st
                              "give every MoE layer a line.")
         raise AimerError(
             f"{where} prunes experts in layers {_short(sorted(layers & set(trunk)))} but none in "
-            f"layers {_short(missing)}; {_UNIFORM}",
-            "prune the same number of experts in every MoE layer (vllm-aimer score makes "
-            "uniform plans).")
+            f"layers {_short(missing)} of this checkpoint's {len(trunk)} MoE layers: it is "
+            f"for a different checkpoint, or not uniform; {_UNIFORM}",
+            "prune the same number of experts in every MoE layer of this checkpoint "
+            "(vllm-aimer score makes uniform plans).")
 
 
 def _plan(pruned: dict[int, list[int]], layout: ExpertLayout, fingerprint: str, where: str,
