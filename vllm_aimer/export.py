@@ -407,6 +407,13 @@ def export_checkpoint(ckpt: Checkpoint, layout: ExpertLayout, plan: Plan, output
         raise AimerError("internal error: two output tensors share a name.",
                          "report this to vllm-aimer.")
 
+    need = sum(spec.nbytes for spec in specs)
+    free = shutil.disk_usage(output.resolve().parent).free
+    if free < need:
+        raise AimerError(
+            f"the export needs {need / 1e9:.2f} GB of tensor data, but only {free / 1e9:.2f} GB "
+            f"are free beside {str(output)!r}.",
+            "free space there or choose another --output.")
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.aimer-export-",
                                 dir=output.resolve().parent))
     umask = os.umask(0)
@@ -471,7 +478,7 @@ def export_checkpoint(ckpt: Checkpoint, layout: ExpertLayout, plan: Plan, output
                 f"writing the export failed ({e.strerror or e}); nothing was left at "
                 f"{str(output)!r}" + (" (its previous contents are untouched)"
                                       if output.exists() else "") + ".",
-                f"the export needs about {sum(s.nbytes for s in specs) / 1e9:.2f} GB beside "
+                f"the export needs about {need / 1e9:.2f} GB beside "
                 f"{str(output)!r}: free space there or choose another --output.") from e
         raise
     return ExportResult(output, [s.file for s in shards], len(specs), total, copied, provenance)
