@@ -19,11 +19,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_generation, bench_memory, bench_scoring, bench_startup
+from benchmarks import (bench_export, bench_generation, bench_memory, bench_scoring,
+                        bench_startup)
 from benchmarks.common import (FULL, GIB, QUICK, REPO, WORK, Figure, Result, build_checkpoint,
                                machine_info, write_result)
 
-NAMES = ("scoring", "memory", "startup", "generation")
+NAMES = ("scoring", "memory", "startup", "generation", "export")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "generation": lambda: bench_generation.run(
             model, WORK / "servers" / "generation", concurrency=16,
             max_tokens=16 if args.quick else 128, rounds=1 if args.quick else 4),
+        "export": lambda: bench_export.run(model, WORK / "export"),
     }
     # Server work dirs hold plan caches: start empty, so the first pruned start scores.
     shutil.rmtree(WORK / "servers", ignore_errors=True)
@@ -83,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                                           "load_average": [load_before, os.getloadavg()[0]]})
         for f in result.figures:
             print(f.row(), flush=True)
-        print(f"   {seconds:.0f} s -> {path.relative_to(REPO)}", flush=True)
+        print(f"   {seconds:.0f} s -> {os.path.relpath(path, REPO)}", flush=True)
 
     total = time.perf_counter() - started
     summary = write_summary(out, context, total, generation_seconds, failed)
-    print(f"\nsummary: {summary.relative_to(REPO)} ({total / 60:.1f} min in all)")
+    print(f"\nsummary: {os.path.relpath(summary, REPO)} ({total / 60:.1f} min in all)")
     if not args.keep:
         for d in (model, tiny):
             shutil.rmtree(d, ignore_errors=True)
@@ -136,8 +138,10 @@ def write_summary(out: Path, context: dict[str, Any], total: float, gen_seconds:
     lines += ["", "## Method", ""]
     for data in results:
         a, b = data["load_average"]
+        when = data.get("machine", {})
         lines += [f"**{data['benchmark']}** ({data['seconds']:.0f} s; 1-min load average "
-                  f"{a:.1f} before, {b:.1f} after): {data['method']}", ""]
+                  f"{a:.1f} before, {b:.1f} after; run {when.get('date', '?')}, git "
+                  f"{when.get('git_commit', '?')}): {data['method']}", ""]
     path = out / "summary.md"
     path.write_text("\n".join(lines))
     return path

@@ -82,7 +82,7 @@ def test_score_succeeds(runs):
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     out = runs["root"] / "score"
-    assert tree(out) == ["plan.json", "pruned_experts.json", "scores.csv"]
+    assert tree(out) == ["plan.json", "pruned_experts.json", "scores.csv", "vllm_profile.json"]
     for name in tree(out):
         assert str(out / name) in r.stdout
 
@@ -191,9 +191,10 @@ def test_plan_checks_and_rewrites_an_authors_file(runs):
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     assert "4 MoE layers" in r.stdout and "16 -> 12" in r.stdout
+    assert "AIMER authors' pruned_experts.json" in r.stdout  # the detected format
     out = runs["root"] / "plan-out"
     # No scores in an authors' file, so no scores.csv.
-    assert tree(out) == ["plan.json", "pruned_experts.json"]
+    assert tree(out) == ["plan.json", "pruned_experts.json", "vllm_profile.json"]
     data = json.loads((out / "pruned_experts.json").read_text())
     assert data == {k: sorted(v) for k, v in runs["authors_ids"].items()}
     plan = json.loads((out / "plan.json").read_text())

@@ -153,7 +153,8 @@ def test_score_cli_criteria_and_plot(tiny, tmp_path):
         assert p.returncode == 0, err
         d = tmp_path / c
         assert sorted(f.name for f in d.iterdir()) == ["plan.json", "pruned_experts.json",
-                                                      "scores.csv", "scores.png"]
+                                                      "scores.csv", "scores.png",
+                                                      "vllm_profile.json"]
         assert (d / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         rows = list(csv.DictReader(io.StringIO((d / "scores.csv").read_text())))
         assert list(rows[0]) == ["layer", "expert_id", f"{c}_score", "rank_in_layer", "is_pruned"]

@@ -86,8 +86,21 @@ def test_ratio_leaving_fewer_than_top_k(olmoe, built, tmp_path):
 
 
 def test_ratio_and_plan_together(olmoe, built, tmp_path):
-    expect_error(olmoe, {"prune_ratio": 0.5, "plan": str(tmp_path / "p.json")},
-                 "both given", "only one", built=built)
+    """A ratio goes with a plan only for vllm-ascend's ordered lists (their tail is pruned);
+    any other plan already fixes the experts."""
+    plan = tmp_path / "pruned_experts.json"
+    plan.write_text(json.dumps({str(layer): [0, 1, 2, 3] for layer in range(4)}))
+    expect_error(olmoe, {"prune_ratio": 0.5, "plan": str(plan)}, "both given", "only one",
+                 "vllm-ascend", built=built)
+
+
+def test_vllm_ascend_lists_need_their_ratio(olmoe, built, tmp_path):
+    lists = tmp_path / "experts.jsonl"
+    lists.write_text("\n".join(json.dumps({str(layer): list(range(16))}) for layer in range(4)))
+    expect_error(olmoe, {"plan": str(lists)}, "vllm-ascend", "prune_ratio", built=built)
+    # With it, the loader gets as far as the count rules: 0.95 keeps int(16 x 0.05) = 0.
+    expect_error(olmoe, {"plan": str(lists), "prune_ratio": 0.95}, "keeps no expert",
+                 built=built)
 
 
 def test_unknown_key_lists_valid_keys(olmoe, built):

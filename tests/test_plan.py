@@ -187,13 +187,17 @@ def test_score_cli_twice_writes_identical_files(tiny_checkpoint, tmp_path):
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
     names = sorted(p.name for p in outs[0].iterdir())
-    assert names == ["plan.json", "pruned_experts.json", "scores.csv"]
+    assert names == ["plan.json", "pruned_experts.json", "scores.csv", "vllm_profile.json"]
     assert sorted(p.name for p in outs[1].iterdir()) == names
     for name in names:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
     want = reference_pruned(reference_scores(model), 8)
     assert json.loads((outs[0] / "pruned_experts.json").read_text()) == {
         str(k): v for k, v in want.items()}
+    # The vLLM #37824/#42613 profile: the same decision as [layer, expert] pairs.
+    profile = json.loads((outs[0] / "vllm_profile.json").read_text())
+    assert profile["version"] == 1 and "routing_mode" not in profile
+    assert profile["pruned_experts"] == [[k, e] for k, v in sorted(want.items()) for e in v]
 
 
 # --------------------------------------------------------------------------- plan_hash

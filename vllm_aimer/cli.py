@@ -1,4 +1,4 @@
-"""`vllm-aimer`: score, plan and inspect checkpoints offline (no vLLM engine needed)."""
+"""`vllm-aimer`: score, plan, export and inspect checkpoints offline (no vLLM engine needed)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from pathlib import Path
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import ExpertLayout, expert_layout
-from vllm_aimer.outputs import ensure_writable_dir, write_plan_outputs
-from vllm_aimer.constraints import (Deployment, Gpu, Router, allowed_ratios, prune_count,
-                                   ratio_text)
-from vllm_aimer.plan import Plan, make_plan, read_plan
+from vllm_aimer.export import PROVENANCE_DIR, PROVENANCE_FILE, read_provenance
+from vllm_aimer.outputs import atomic_write_text, ensure_writable_dir, write_plan_outputs
+from vllm_aimer.constraints import (Deployment, Gpu, Router, allowed_ratios, check_ratio,
+                                   prune_count, ratio_text)
+from vllm_aimer.plan import Plan, make_plan
+from vllm_aimer.plan_formats import (FORMATS, WRITABLE_FORMATS, ascend_ratio, file_format,
+                                     read_plan_file, write_plan_as)
 from vllm_aimer.report import human_bytes
 from vllm_aimer.scoring import score_checkpoint
 
@@ -68,7 +71,7 @@ def cmd_score(args: argparse.Namespace) -> int:
               if criterion != "random" or args.plot else None)
     scores = criterion_scores(criterion, ckpt, layout, args.seed, result)
     plan = make_plan(layout, scores, args.ratio, ckpt.fingerprint, criterion)
-    written = write_plan_outputs(plan, out)
+    written = write_plan_outputs(plan, out, model=str(args.model))
     _print_plan(plan, _layout_facts(layout, ckpt.fingerprint)["routed_expert_bytes"])
     if result is not None:
         print(f"scored {human_bytes(result.bytes_read)} of expert weights in "
@@ -126,14 +129,76 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """Check an external plan against a checkpoint and write it in our formats."""
+    """Check an external plan (any known format) against a checkpoint and write it in
+    our formats."""
+    ratio = _ratio_arg(args.ratio)
     ckpt = open_checkpoint(args.model)
     layout = expert_layout(ckpt, scoring=False)
-    plan = read_plan(args.plan, layout, ckpt.fingerprint)
+    plan = read_plan_file(args.plan, layout, ckpt, ratio)
+    print(f"format {FORMATS[file_format(args.plan, ratio is not None)]}")
     _print_plan(plan)
     if args.output:
-        for path in write_plan_outputs(plan, ensure_writable_dir(args.output, "output")):
+        out = ensure_writable_dir(args.output, "output")
+        for path in write_plan_outputs(plan, out, model=str(args.model)):
             print(f"wrote {path}")
+    return 0
+
+
+def cmd_plan_convert(args: argparse.Namespace) -> int:
+    """A plan file in another format, checked against the checkpoint it is for."""
+    ratio = _ratio_arg(args.ratio)
+    ckpt = open_checkpoint(args.checkpoint)
+    layout = expert_layout(ckpt)
+    plan = read_plan_file(args.input, layout, ckpt, ratio)
+    text = write_plan_as(plan, args.to, model=str(args.checkpoint), ckpt=ckpt, layout=layout)
+    if args.output:
+        path = Path(args.output)
+        ensure_writable_dir(path.parent if str(path.parent) else ".", "output")
+        atomic_write_text(path, text)
+        print(f"wrote {path} ({FORMATS[args.to]})", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if args.to == "vllm-ascend" and plan.total_pruned:
+        print(f"vllm-ascend: pass expert_prune_ratio {ascend_ratio(plan)!r} with this file "
+              f"(it keeps int({plan.num_experts} x (1 - ratio)) = {plan.kept_per_layer} experts "
+              "per layer)", file=sys.stderr)
+    return 0
+
+
+def _ratio_arg(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return check_ratio(float(value))
+    except ValueError:
+        raise AimerError(f"--ratio must be a number, got {value!r}.",
+                         "pass e.g. --ratio 0.5.") from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the pruned checkpoint (streamed, bounded memory)."""
+    from vllm_aimer.export import check_output_dir, export_checkpoint, export_plan, parse_size
+
+    ratio = _ratio_arg(args.ratio)
+    if args.plan is None and ratio is None:
+        raise AimerError("export needs --ratio R or --plan FILE.",
+                         "pass --ratio 0.5 to prune half of the experts by AIMER, or --plan "
+                         "with a plan file.")
+    ckpt = open_checkpoint(args.model)
+    layout = expert_layout(ckpt)
+    parse_size(args.max_shard_size)
+    # Everything that can be refused is refused before scoring or writing.
+    check_output_dir(Path(args.output), ckpt.directory, args.force)
+    plan, criterion, source = export_plan(ckpt, layout, ratio=ratio, plan_path=args.plan,
+                                          progress=not args.quiet)
+    result = export_checkpoint(ckpt, layout, plan, args.output,
+                               max_shard_size=args.max_shard_size, force=args.force,
+                               criterion=criterion, requested_ratio=ratio, plan_source=source)
+    _print_plan(plan)
+    print(f"exported {result.tensors} tensors ({human_bytes(result.total_bytes)}, source "
+          f"{human_bytes(ckpt.total_bytes)}) in {len(result.shards)} shard(s) to {result.output}")
+    print(f"copied {len(result.copied)} other file(s); provenance in "
+          f"{result.output / PROVENANCE_DIR / PROVENANCE_FILE}")
     return 0
 
 
@@ -147,6 +212,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "method": layout.quant.method, "description": layout.quant.describe(),
         "expert_encodings": list(layout.encodings), "scorable": layout.scorable,
         **({"why_not": layout.unscorable} if layout.unscorable else {})}
+    provenance = read_provenance(ckpt.directory)
+    if provenance:
+        facts["provenance"] = provenance
     if args.json:
         print(json.dumps(facts, indent=1))
         return 0
@@ -172,6 +240,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ratios = facts["safe_prune_ratios"][gpu.value]
         print(f"  {gpu.label}: {', '.join(ratio_text(r) for r in ratios)}")
     print(f"checkpoint        {ckpt.fingerprint}")
+    if provenance:
+        src = provenance.get("source", {})
+        print(f"exported by       vllm-aimer {provenance.get('vllm_aimer_version')} on "
+              f"{provenance.get('created')}")
+        print(f"  from            {src.get('path')} ({src.get('experts_per_layer')} experts per "
+              f"layer, checkpoint {str(src.get('fingerprint'))[:16]})")
+        print(f"  plan            {provenance.get('plan_source')}, ratio "
+              f"{provenance.get('ratio'):g}, plan {provenance.get('plan_hash')}")
+        print(f"  criterion       {provenance.get('criterion')}")
     return 0
 
 
@@ -260,11 +337,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("plan", help="check a pruned_experts.json/plan.json against a checkpoint")
+    p = sub.add_parser(
+        "plan", help="check a plan file (any known format) against a checkpoint; "
+                     "`plan convert` converts between formats",
+        epilog="Formats (detected from the content): " + "; ".join(
+            f"{k}: {v}" for k, v in FORMATS.items()) + ". To convert: `vllm-aimer plan "
+            "convert IN --to FORMAT --checkpoint MODEL [--output FILE]`.")
     p.add_argument("model", help="local checkpoint directory")
-    p.add_argument("plan", help="pruned_experts.json, plan.json, or a directory holding one")
-    p.add_argument("--output", help="also write it as pruned_experts.json + plan.json here")
+    p.add_argument("plan", help="a plan file, or a directory holding plan.json, "
+                                "pruned_experts.json or vllm_profile.json")
+    p.add_argument("--ratio", help="expert_prune_ratio for vllm-ascend ordered expert lists "
+                                   "(the only format that takes one)")
+    p.add_argument("--output", help="also write it as pruned_experts.json, plan.json and "
+                                    "vllm_profile.json here")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
+        "export", help="write the pruned checkpoint (streamed: the dense model is never held)",
+        description="Stream the checkpoint's tensors through the same pruning the loader "
+                    "applies into new safetensors shards: pruned experts are never read, "
+                    "kept ones renumbered, routers sliced, quantized bytes kept. config.json "
+                    "gets the kept expert count; tokenizer and other files are copied; "
+                    f"{PROVENANCE_DIR}/ holds the plan files and {PROVENANCE_FILE}. Written "
+                    "to a temporary directory and renamed: a failure leaves nothing.")
+    p.add_argument("model", help="local checkpoint directory")
+    p.add_argument("--ratio", help="prune this fraction of routed experts by AIMER (with "
+                                   "--plan: the ratio of a vllm-ascend ordered list)")
+    p.add_argument("--plan", help="a plan file in any known format (see `plan --help`)")
+    p.add_argument("--output", required=True, help="new or empty directory for the export")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest shard, e.g. 5GB (10^9 bytes) or 2GiB (default 5GB)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --output (only once the export is complete)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="show a checkpoint's MoE layout (reads headers only)")
     p.add_argument("model", help="local checkpoint directory")
@@ -309,8 +415,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vllm-aimer plan convert",
+        description="Convert a plan file between formats, checked against the checkpoint it "
+                    "is for. Input formats (detected): " + "; ".join(FORMATS.values()) + ".")
+    p.add_argument("input", help="plan file (or a directory holding one)")
+    p.add_argument("--to", required=True, choices=WRITABLE_FORMATS, help="output format")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint the plan is for")
+    p.add_argument("--ratio", help="expert_prune_ratio of a vllm-ascend input")
+    p.add_argument("--output", help="file to write (default: standard output)")
+    p.set_defaults(func=cmd_plan_convert)
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["plan", "convert"]:
+        # `plan MODEL PLAN` keeps its positional form; `plan convert` is routed here
+        # (a checkpoint directory literally named "convert" can be passed as ./convert).
+        args = build_convert_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except AimerError as e:

@@ -37,7 +37,8 @@ from vllm_aimer.layout import ExpertLayout, expert_layout
 from vllm_aimer.metrics import publish
 from vllm_aimer.options import AimerOptions, parse_options
 from vllm_aimer.outputs import ensure_writable_dir, write_plan_outputs
-from vllm_aimer.plan import Plan, conform, identity_plan, make_plan, read_plan, with_mtp_layers
+from vllm_aimer.plan import Plan, conform, identity_plan, make_plan, with_mtp_layers
+from vllm_aimer.plan_formats import read_plan_file
 from vllm_aimer.plan_cache import cached_plan, default_cache_dir
 from vllm_aimer.report import PruningReport, human_bytes, rank as _rank, write_error, write_report
 from vllm_aimer.scoring import score_checkpoint
@@ -117,7 +118,8 @@ class AimerModelLoader(DefaultModelLoader):
         if plan.total_pruned:
             _set_expert_count(model_config, layout, plan.kept_per_layer)
             self._weights = PrunedWeights(ckpt, layout, plan)
-        written = write_plan_outputs(plan, plan_out) if plan_out else []
+        written = (write_plan_outputs(plan, plan_out, model=model_config.model) if plan_out
+                   else [])
 
         model = super().load_model(vllm_config=vllm_config, model_config=model_config,
                                    prefix=prefix)
@@ -142,7 +144,8 @@ class AimerModelLoader(DefaultModelLoader):
     def _make_plan(self, ckpt: Checkpoint, layout: ExpertLayout,
                    deployment: Deployment) -> tuple[Plan, str, float]:
         if self.options.plan is not None:
-            plan = read_plan(self.options.plan, layout, ckpt.fingerprint)
+            # Any known plan format; prune_ratio only with vllm-ascend's ordered lists.
+            plan = read_plan_file(self.options.plan, layout, ckpt, self.options.prune_ratio)
             check_prune_count(plan.router, plan.pruned_per_layer, f"plan {self.options.plan}",
                               deployment)
             seconds = 0.0

@@ -51,9 +51,9 @@ def parse_options(extra: Mapping[str, Any] | str | None) -> AimerOptions:
     if not isinstance(plan_cache, bool) and (not isinstance(plan_cache, str) or not plan_cache.strip()):
         raise AimerError(f"plan_cache must be a directory path or false, got {plan_cache!r}.",
                          'pass e.g. "plan_cache": "/cache/plans", or false to always score.')
-    if ratio is not None and plan is not None:
-        raise AimerError("prune_ratio and plan were both given; a plan already fixes which "
-                         "experts are pruned.", "pass only one of them.")
+    # prune_ratio with plan is valid for one plan format only (vllm-ascend's ordered
+    # expert lists, whose tail the ratio prunes): checked once the file is read
+    # (plan_formats.read_plan_file).
     if ratio is None and plan is None:
         raise AimerError("--load-format aimer needs prune_ratio or plan.",
                          f"pass --model-loader-extra-config {EXAMPLE}.")

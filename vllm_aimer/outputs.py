@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vllm_aimer.errors import AimerError
 from vllm_aimer.plan import PLAN_FILE, PRUNED_EXPERTS_FILE, SCORES_FILE, Plan, scores_csv
+from vllm_aimer.plan_formats import VLLM_PROFILE_FILE, write_plan_as
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -43,11 +44,13 @@ def ensure_writable_dir(path: str | os.PathLike[str], what: str) -> Path:
     return directory
 
 
-def write_plan_outputs(plan: Plan, directory: Path) -> list[Path]:
-    """pruned_experts.json, plan.json and (when the plan has scores) scores.csv."""
+def write_plan_outputs(plan: Plan, directory: Path, model: str | None = None) -> list[Path]:
+    """pruned_experts.json, plan.json, the vLLM #37824/#42613 profile (vllm_profile.json,
+    naming `model`) and (when the plan has scores) scores.csv."""
     outputs = [(directory / PRUNED_EXPERTS_FILE,
                 _json_lines(plan.pruned_experts())),
-               (directory / PLAN_FILE, plan.to_json())]
+               (directory / PLAN_FILE, plan.to_json()),
+               (directory / VLLM_PROFILE_FILE, write_plan_as(plan, "vllm-profile", model=model))]
     if all(plan.layer(layer).scores is not None for layer in plan.layer_ids):
         outputs.append((directory / SCORES_FILE, scores_csv(plan)))
     for path, text in outputs:

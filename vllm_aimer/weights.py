@@ -10,6 +10,7 @@ and that filter is applied afterwards in the new id space.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -126,13 +127,27 @@ class PrunedWeights:
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.iterate()
 
-    def iterate(self, skip: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield tensors in file order; `skip(new_name)` drops more (e.g. non-local experts)."""
+    def iterate(self, skip: Callable[[str], bool] | None = None,
+                window: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield tensors in file order; `skip(new_name)` drops more (e.g. non-local experts).
+
+        `window`: reopen a shard after this many bytes were read from it. A safetensors
+        handle maps its whole file and every page read stays resident until the handle
+        and the tensors read through it are gone, so a caller that copies tensors and
+        drops them (export) keeps its memory within the window plus one tensor, instead
+        of a whole shard."""
         for file in self.ckpt.files:
-            with safe_open(self.ckpt.path(file), framework="pt") as f:
-                for name in f.keys():
+            with ExitStack() as stack:
+                f = stack.enter_context(safe_open(self.ckpt.path(file), framework="pt"))
+                read = 0
+                for name in list(f.keys()):
+                    if window is not None and read >= window:
+                        stack.close()
+                        f = stack.enter_context(safe_open(self.ckpt.path(file), framework="pt"))
+                        read = 0
                     out = self._load(f, name, skip)
                     if out is not None:
+                        read += self.ckpt.tensors[name].nbytes
                         yield out
 
     def _read(self, f, name: str) -> torch.Tensor:

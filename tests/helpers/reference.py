@@ -22,9 +22,9 @@ FUSED_RE = re.compile(r"layers\.(\d+)\.(?:mlp|feed_forward)\.experts\.(gate_up_p
 ROUTER_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\."
                        r"(?:gate\.weight|gate\.e_score_correction_bias"
                        r"|moe_statics\.e_score_correction_bias|router\.weight|router\.bias)$")
-# Any tensor of one routed expert: weights, FP8 scales, quantization parameters.
-EXPERT_ANY_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\."
-                           r"(\d+)\.\w+\.")
+# Any tensor of one routed expert: weights, FP8 block scales (`*.weight_scale_inv`),
+# quantization parameters, biases.
+EXPERT_ANY_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\.(\d+)\.")
 PROJS = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}
 # Config keys that hold the routed-expert count, over the families tested.
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -103,12 +103,12 @@ def reference_pruned(scores: dict[int, dict[int, float]], ratio: float,
     return out
 
 
-def slice_checkpoint(src: Path, dst: Path, pruned: dict[int, list[int]]) -> Path:
-    """A checkpoint holding only the kept experts, renumbered, with routers sliced."""
-    dst.mkdir(parents=True, exist_ok=True)
+def sliced_tensors(src: Path, pruned: dict[int, list[int]]) -> dict[str, torch.Tensor]:
+    """Every tensor of `src` with `pruned` applied: pruned experts' tensors (weights and
+    scales) dropped, kept ones renumbered 0..K-1 in id order, fused [E, ...] tensors and
+    router tensors sliced. `pruned` must name every MoE layer (MTP layers included)."""
     config = json.loads((src / "config.json").read_text())
-    keys = [k for k in EXPERT_COUNT_KEYS if k in config]
-    experts = config[keys[0]]
+    experts = expert_count(config)
     out: dict[str, torch.Tensor] = {}
     for name, t in load_all(src).items():
         m = EXPERT_ANY_RE.search(name)
@@ -121,13 +121,32 @@ def slice_checkpoint(src: Path, dst: Path, pruned: dict[int, list[int]]) -> Path
         f = FUSED_RE.search(name)
         if f:
             keep = [e for e in range(t.shape[0]) if e not in pruned[int(f[1])]]
-            t = t[keep]
+            t = _select(t, 0, keep)
         r = ROUTER_RE.search(name)
         if r:
             layer, dim = int(r[1]), router_expert_dim(name, t)
             keep = [e for e in range(t.shape[dim]) if e not in pruned[layer]]
-            t = t.index_select(dim, torch.tensor(keep))
+            t = _select(t, dim, keep)
         out[name] = t.contiguous()
+    return out
+
+
+def _select(t: torch.Tensor, dim: int, keep: list[int]) -> torch.Tensor:
+    """t's entries `keep` along `dim`; float8 tensors through their bytes (torch's CPU
+    indexing does not take them)."""
+    index = torch.tensor(keep, dtype=torch.long)
+    if t.dtype.is_floating_point and t.element_size() == 1:
+        return t.view(torch.uint8).index_select(dim, index).view(t.dtype)
+    return t.index_select(dim, index)
+
+
+def slice_checkpoint(src: Path, dst: Path, pruned: dict[int, list[int]]) -> Path:
+    """A checkpoint holding only the kept experts, renumbered, with routers sliced."""
+    dst.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    keys = [k for k in EXPERT_COUNT_KEYS if k in config]
+    experts = config[keys[0]]
+    out = sliced_tensors(src, pruned)
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
     counts = {len(ids) for ids in pruned.values()}
     assert len(counts) == 1, "reference slicing expects a uniform plan"
