@@ -581,3 +581,88 @@ def test_qwen3_vl_moe_prunes_its_fused_transposed_text_experts(tiny_checkpoint, 
                 assert len(params) == 1, (name, params)
         else:
             assert torch.equal(got[name], t), name
+
+
+# --------------------------------------------------------------------------- MTP families
+
+def _mtp_variant(tiny_checkpoint, tmp_path, base: str, config_edit, rename, **build):
+    """(model, reference) for a family with MTP layers: `model` is the tiny `base`
+    checkpoint with one MTP layer, renamed into the family's layout; `reference` the
+    same tensors in DeepSeek numbering (MTP layer = layers.4), which the test's own
+    reference code scores, plans (k from trunk layers 0-3) and slices."""
+    src = tiny_checkpoint(base, mtp_layers=1, **build)
+    return _renamed(src, tmp_path / "model", config_edit, rename), src
+
+
+def _assert_mtp_family(model, reference, tmp_path, family, back, n_group=1, trunk=(0, 1, 2, 3)):
+    ckpt, layout, scores, plan = package(model)
+    assert layout.arch.family == family
+    assert layout.layers == trunk and layout.mtp_layers == (4,)
+    want = reference_scores(reference)
+    pruned = reference_pruned(want, RATIO, n_group, mtp_from=4)
+    for layer in layout.all_layers:
+        np.testing.assert_allclose(scores[layer], [want[layer][e] for e in range(16)], rtol=1e-6)
+        assert plan.layer(layer).pruned == pruned[layer], layer
+    assert plan.layer_ids == list(trunk) and plan.mtp_layer_ids == [4]
+    got = {back(n): t for n, t in stream(ckpt, layout, plan).items()}
+    assert_stream_equals_reference(reference, tmp_path, got, pruned)
+    return got
+
+
+def test_qwen3_next_prunes_its_mtp_layer_under_the_mtp_prefix(tiny_checkpoint, tmp_path):
+    """Qwen3-Next: per-expert experts and a shared expert as Qwen2-MoE, plus the MTP
+    layer at `mtp.layers.0.` (qwen3_next_mtp.py), keyed after the trunk (layer 4), not
+    mistaken for trunk layer 0."""
+    def rename(n):
+        return n.replace("model.layers.4.", "mtp.layers.0.")
+
+    model, ref = _mtp_variant(tiny_checkpoint, tmp_path, "qwen2_moe",
+                              lambda c: c | {"model_type": "qwen3_next"}, rename)
+    got = _assert_mtp_family(model, ref, tmp_path, "qwen3_next",
+                             lambda n: n.replace("mtp.layers.0.", "model.layers.4."))
+    assert sum(".shared_expert." in n for n in got) == 5 * 3  # untouched, trunk + MTP
+
+
+def test_qwen3_5_moe_prunes_fused_text_experts_and_its_mtp_layer(tiny_checkpoint, tmp_path):
+    """Qwen3.5/3.6 MoE: fused experts under `model.language_model.`, config in
+    text_config, a shared expert, and MTP layers at `mtp.layers.{i}` (qwen3_5_mtp.py)."""
+    def rename(n):
+        if n.startswith("model.layers.4."):
+            return n.replace("model.layers.4.", "mtp.layers.0.")
+        return n.replace("model.", "model.language_model.", 1) if n.startswith("model.") else n
+
+    def back(n):
+        if n.startswith("mtp.layers.0."):
+            return n.replace("mtp.layers.0.", "model.layers.4.")
+        return n.replace("model.language_model.", "model.", 1)
+
+    model, ref = _mtp_variant(
+        tiny_checkpoint, tmp_path, "qwen2_moe",
+        lambda c: {"model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+                   "text_config": c | {"model_type": "qwen3_5_moe_text"},
+                   "vision_config": {"model_type": "qwen3_5_moe"}},
+        rename, fused=True)
+    got = _assert_mtp_family(model, ref, tmp_path, "qwen3_5_moe", back)
+    assert got["model.layers.4.mlp.experts.gate_up_proj"].shape[0] == 8
+
+
+def test_minimax_m2_slices_its_score_correction_bias_and_mtp_modules(tiny_checkpoint, tmp_path):
+    """MiniMax-M2: Mixtral names, a router score-correction bias directly under
+    `block_sparse_moe.` (minimax_m2.py), MTP modules after the trunk (`num_mtp_modules`)."""
+    from safetensors.torch import save_file
+
+    src = tiny_checkpoint("mixtral", mtp_layers=1)
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    config.pop("num_nextn_predict_layers")
+    (ref / "config.json").write_text(json.dumps(config | {"model_type": "minimax_m2",
+                                                          "num_mtp_modules": 1}))
+    tensors = load_all(src)
+    g = torch.Generator().manual_seed(9)
+    for layer in range(5):
+        tensors[f"model.layers.{layer}.block_sparse_moe.e_score_correction_bias"] = \
+            torch.randn(16, generator=g)
+    save_file(tensors, ref / "model.safetensors", metadata={"format": "pt"})
+    got = _assert_mtp_family(ref, ref, tmp_path, "minimax_m2", lambda n: n)
+    assert got["model.layers.4.block_sparse_moe.e_score_correction_bias"].shape == (8,)

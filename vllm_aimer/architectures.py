@@ -44,6 +44,10 @@ class Architecture:
     (DeepSeek-V3 `n_group`): experts form that many contiguous groups of equal size."""
     group_topk_keys: tuple[str, ...] = ()
     """Config keys holding how many groups each token may be routed to (`topk_group`)."""
+    mtp_prefix: str = ""
+    """Where a family stores its multi-token-prediction layers under their own numbering
+    (Qwen3-Next / Qwen3.5: `mtp.layers.{i}`): such a layer is keyed num_hidden_layers + i,
+    after the trunk, like DeepSeek's; matchers take that base as `mtp_base`."""
     mtp_layer_keys: tuple[str, ...] = ()
     """Config keys holding the number of multi-token-prediction layers stored after the
     trunk (`layers.{num_hidden_layers + i}`), which vLLM's MTP drafter builds with the
@@ -103,12 +107,19 @@ class Architecture:
         names = "|".join(re.escape(n) for n in self.router_tensors)
         return re.compile(rf"^(?:.*\.)?{self.moe_block}\.(?:{names})$")
 
-    def match_expert(self, name: str) -> tuple[int, int, str] | None:
+    def _layer(self, name: str, m: re.Match[str], mtp_base: int) -> int:
+        """The layer key of a match: its index, after the trunk for an `mtp_prefix` layer."""
+        layer = int(m["layer"])
+        if self.mtp_prefix and name[:m.start("layer")].endswith(f"{self.mtp_prefix}layers."):
+            return mtp_base + layer
+        return layer
+
+    def match_expert(self, name: str, mtp_base: int = 0) -> tuple[int, int, str] | None:
         """(layer, expert id, projection name) of a per-expert tensor, else None."""
         m = self._per_expert_re.match(name)
         if not m:
             return None
-        return int(m["layer"]), int(m["expert"]), m["proj"]
+        return self._layer(name, m, mtp_base), int(m["expert"]), m["proj"]
 
     def expert_suffix(self, name: str) -> str:
         """What follows `<proj>.` in a per-expert tensor name (`weight`, `qweight`, ...)."""
@@ -121,10 +132,10 @@ class Architecture:
         assert m is not None, name
         return f"{m['head']}{new_id}.{m['tail']}"
 
-    def match_fused(self, name: str) -> tuple[int, str] | None:
+    def match_fused(self, name: str, mtp_base: int = 0) -> tuple[int, str] | None:
         """(layer, name after `experts.`) of a fused all-experts tensor, else None."""
         m = self._fused_re.match(name)
-        return (int(m["layer"]), m["rest"]) if m else None
+        return (self._layer(name, m, mtp_base), m["rest"]) if m else None
 
     def split_fused(self, rest: str, suffixes: frozenset[str]) -> tuple[str, str] | None:
         """(projection, suffix) of a fused tensor's name after `experts.`, when it is a
@@ -134,10 +145,10 @@ class Architecture:
                 return proj, rest[len(proj):]
         return None
 
-    def match_router(self, name: str) -> int | None:
+    def match_router(self, name: str, mtp_base: int = 0) -> int | None:
         """Layer of a router tensor indexed by expert, else None."""
         m = self._router_re.match(name)
-        return int(m["layer"]) if m else None
+        return self._layer(name, m, mtp_base) if m else None
 
     def router_dim(self, name: str) -> int:
         """The dimension of router tensor `name` that routed experts index."""
@@ -242,6 +253,56 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         moe_layer_step_keys=("decoder_sparse_step",),
         dense_layer_list_keys=("mlp_only_layers",),
         fit=False,  # shared_expert_intermediate_size is not modelled by fit.py
+    ),
+    Architecture(
+        # Qwen3-Next (qwen3_next.py, qwen3_next_mtp.py): per-expert
+        # `model.layers.N.mlp.experts.{j}.{gate,up,down}_proj` (or fused), router
+        # `mlp.gate.weight`, a shared expert and its gate untouched; the MTP drafter's
+        # layers are `mtp.layers.{i}.*` (the target drops `mtp.`, the drafter maps it to
+        # `model.`), built from the same config, so pruned alike.
+        family="qwen3_next",
+        model_types=("qwen3_next",),
+        expert_count_keys=("num_experts",),
+        top_k_keys=("num_experts_per_tok",),
+        **_MLP_EXPERTS,
+        mtp_prefix="mtp.",
+        moe_intermediate_keys=("moe_intermediate_size",),
+        moe_layer_step_keys=("decoder_sparse_step",),
+        dense_layer_list_keys=("mlp_only_layers",),
+        fit=False,  # gated delta-net attention and the shared expert are not modelled
+    ),
+    Architecture(
+        # Qwen3.5 / Qwen3.6 MoE (qwen3_5.py, qwen3_5_mtp.py): the Qwen3-Next text model
+        # under `model.language_model.` (hf_to_vllm_mapper) with config in text_config
+        # (qwen3_5_moe_text); BF16 releases fuse experts as `experts.gate_up_proj`
+        # [E, 2I, H] + `experts.down_proj`, FP8 releases store them per expert; MTP
+        # layers under `mtp.layers.{i}`.
+        family="qwen3_5_moe",
+        model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+        expert_count_keys=("num_experts",),
+        top_k_keys=("num_experts_per_tok",),
+        **_MLP_EXPERTS,
+        mtp_prefix="mtp.",
+        moe_intermediate_keys=("moe_intermediate_size",),
+        fit=False,  # gated delta-net attention and the shared expert are not modelled
+    ),
+    Architecture(
+        # MiniMax-M2 / M2.5 / M2.7 (minimax_m2.py): Mixtral names
+        # `block_sparse_moe.experts.{j}.w{1,3,2}`, router `block_sparse_moe.gate.weight`
+        # and `block_sparse_moe.e_score_correction_bias` [E]; MTP modules stored after
+        # the trunk at `layers.{num_hidden_layers + i}` (`num_mtp_modules`, dropped by
+        # vLLM's target model; pruned alike so a drafter would match).
+        family="minimax_m2",
+        model_types=("minimax_m2",),
+        expert_count_keys=("num_local_experts",),
+        top_k_keys=("num_experts_per_tok",),
+        moe_block=r"layers\.(?P<layer>\d+)\.block_sparse_moe",
+        projections={"w1": "gate", "w3": "up", "w2": "down"},
+        router_tensors={"gate.weight": 0, "e_score_correction_bias": 0},
+        mtp_layer_keys=("num_mtp_modules",),
+        moe_intermediate_keys=("intermediate_size",),
+        attention_bias_keys=(),
+        fit=False,  # partial rotary and q/k norms over all heads are not modelled
     ),
     _DEEPSEEK,
     replace(_DEEPSEEK, family="glm4_moe", model_types=("glm4_moe",), latent_kv_keys=()),

@@ -53,6 +53,8 @@ class ExpertLayout:
     unscorable: str | None = None
     """Why AIMER cannot score these experts (only for layouts built with scoring=False,
     which a plan file uses); None: every projection has a decoder."""
+    mtp_base: int = 0
+    """num_hidden_layers: the key of the first `mtp_prefix` layer (Architecture.match_*)."""
 
     @property
     def total_experts(self) -> int:
@@ -84,6 +86,7 @@ def expert_layout(ckpt: Checkpoint, scoring: bool = True) -> ExpertLayout:
     top_k = config_value(ckpt.config, arch.top_k_keys, "top_k (experts per token)")
     n_group, topk_group = expert_groups(ckpt.config, arch, num_experts)
     quant = quant_config(ckpt)
+    mtp_base = trunk_layer_count(ckpt.config) or 0
 
     per_expert: dict[tuple[int, int, str], dict[str, TensorInfo]] = defaultdict(dict)
     modules: dict[tuple[int, int, str] | tuple[int, str], str] = {}
@@ -91,7 +94,7 @@ def expert_layout(ckpt: Checkpoint, scoring: bool = True) -> ExpertLayout:
     expert_bytes: dict[int, list[int]] = defaultdict(lambda: [0] * num_experts)
 
     for info in ckpt.tensors.values():
-        hit = arch.match_expert(info.name)
+        hit = arch.match_expert(info.name, mtp_base)
         if hit is not None:
             layer, expert, proj = hit
             if expert >= num_experts:
@@ -109,7 +112,7 @@ def expert_layout(ckpt: Checkpoint, scoring: bool = True) -> ExpertLayout:
             modules[(layer, expert, proj)] = info.name[: len(info.name) - len(suffix) - 1]
             expert_bytes[layer][expert] += info.nbytes
             continue
-        hit_fused = arch.match_fused(info.name)
+        hit_fused = arch.match_fused(info.name, mtp_base)
         if hit_fused is not None:
             layer, rest = hit_fused
             split = arch.split_fused(rest, FUSED_SUFFIXES)
@@ -185,7 +188,13 @@ def expert_layout(ckpt: Checkpoint, scoring: bool = True) -> ExpertLayout:
         scored[layer].sort(key=lambda s: (s.info.file, s.expert or 0, s.info.name))
     return ExpertLayout(arch, num_experts, top_k, layers, dict(scored), dict(expert_bytes),
                         n_group, topk_group, mtp_layers, quant, tuple(sorted(encodings)),
-                        unscorable)
+                        unscorable, mtp_base)
+
+
+def trunk_layer_count(config) -> int | None:
+    """num_hidden_layers of the (text) config: where MTP layers start."""
+    value = text_config(config).get("num_hidden_layers")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def split_mtp_layers(config, arch: Architecture,
@@ -194,14 +203,15 @@ def split_mtp_layers(config, arch: Architecture,
     (DeepSeek-V3, GLM-4.5: `num_nextn_predict_layers`); an expert tensor at any other
     index beyond the trunk means the config does not describe the checkpoint."""
     cfg = text_config(config)
-    trunk_count = cfg.get("num_hidden_layers")
-    if not isinstance(trunk_count, int) or isinstance(trunk_count, bool):
+    trunk_count = trunk_layer_count(config)
+    if trunk_count is None:
         return found, ()
     mtp_count = next((cfg[k] for k in arch.mtp_layer_keys
                       if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)), 0)
     trunk = tuple(i for i in found if i < trunk_count)
     mtp = tuple(i for i in found if i >= trunk_count)
-    stray = [i for i in mtp if i >= trunk_count + mtp_count]
+    # A family with its own MTP prefix (`mtp.layers.{i}`) names its MTP layers itself.
+    stray = [] if arch.mtp_prefix else [i for i in mtp if i >= trunk_count + mtp_count]
     if stray:
         keys = "/".join(arch.mtp_layer_keys) or "no multi-token-prediction layers"
         raise AimerError(

@@ -452,7 +452,7 @@ def llm_compressor_report(plan: Plan, ckpt: Checkpoint, layout: ExpertLayout) ->
     names are the checkpoint's (the router tensor's parent)."""
     blocks: dict[int, str] = {}
     for name in ckpt.tensors:
-        layer = layout.arch.match_router(name)
+        layer = layout.arch.match_router(name, layout.mtp_base)
         if layer is not None and layer not in blocks:
             tail = next(t for t in layout.arch.router_tensors if name.endswith("." + t))
             blocks[layer] = name[: -len(tail) - 1]

@@ -48,6 +48,7 @@ class PlanMap:
 
     def __init__(self, layout: ExpertLayout, plan: Plan) -> None:
         self.arch = layout.arch
+        self.mtp_base = layout.mtp_base
         self.num_experts = layout.num_experts
         self.kept = plan.kept_by_layer()
         self.new_id = {layer: {old: new for new, old in enumerate(kept)}
@@ -56,7 +57,7 @@ class PlanMap:
     def expert(self, name: str) -> tuple[bool, str | None]:
         """(whether `name` is a routed expert's tensor in a planned layer, its new name
         or None when that expert is pruned)."""
-        hit = self.arch.match_expert(name)
+        hit = self.arch.match_expert(name, self.mtp_base)
         if hit is None or hit[0] not in self.kept:
             return False, None
         new = self.new_id[hit[0]].get(hit[1])
@@ -64,12 +65,12 @@ class PlanMap:
 
     def fused_rows(self, name: str) -> list[int] | None:
         """Kept rows (dim 0) of a fused all-experts tensor, else None."""
-        fused = self.arch.match_fused(name)
+        fused = self.arch.match_fused(name, self.mtp_base)
         return self.kept[fused[0]] if fused is not None and fused[0] in self.kept else None
 
     def router_rows(self, name: str) -> tuple[list[int], int] | None:
         """(kept rows, dimension) of a router tensor indexed by expert, else None."""
-        layer = self.arch.match_router(name)
+        layer = self.arch.match_router(name, self.mtp_base)
         if layer is None or layer not in self.kept:
             return None
         return self.kept[layer], self.arch.router_dim(name)
@@ -81,7 +82,7 @@ class PlanMap:
         A tensor already cut to another count is refused: its experts cannot be told
         apart from the checkpoint's."""
         for name, tensor in weights:
-            hit = self.arch.match_expert(name)
+            hit = self.arch.match_expert(name, self.mtp_base)
             if hit is not None and hit[1] >= self.num_experts:
                 raise AimerError(
                     f"weight {name} handed to the pruned model names expert {hit[1]}, but the "

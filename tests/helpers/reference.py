@@ -21,7 +21,8 @@ FUSED_RE = re.compile(r"layers\.(\d+)\.(?:mlp|feed_forward)\.experts\.(gate_up_p
                       r"(_bias|_blocks|_scales|_scale_inv)?$")
 ROUTER_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\."
                        r"(?:gate\.weight|gate\.e_score_correction_bias"
-                       r"|moe_statics\.e_score_correction_bias|router\.weight|router\.bias)$")
+                       r"|moe_statics\.e_score_correction_bias|e_score_correction_bias"
+                       r"|router\.weight|router\.bias)$")
 # Any tensor of one routed expert: weights, FP8 block scales (`*.weight_scale_inv`),
 # quantization parameters, biases.
 EXPERT_ANY_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\.(\d+)\.")
