@@ -190,6 +190,24 @@ _DEEPSEEK = Architecture(
     latent_kv_keys=("kv_lora_rank", "qk_rope_head_dim"),
 )
 
+# Qwen3-Next (qwen3_next.py, qwen3_next_mtp.py): per-expert
+# `model.layers.N.mlp.experts.{j}.{gate,up,down}_proj` (or fused), router `mlp.gate.weight`,
+# a shared expert and its gate untouched; the MTP drafter's layers are `mtp.layers.{i}.*`
+# (the target drops `mtp.`, the drafter maps it to `model.`), built from the same config,
+# so pruned alike.
+_QWEN3_NEXT = Architecture(
+    family="qwen3_next",
+    model_types=("qwen3_next",),
+    expert_count_keys=("num_experts",),
+    top_k_keys=("num_experts_per_tok",),
+    **_MLP_EXPERTS,
+    mtp_prefix="mtp.",
+    moe_intermediate_keys=("moe_intermediate_size",),
+    moe_layer_step_keys=("decoder_sparse_step",),
+    dense_layer_list_keys=("mlp_only_layers",),
+    fit=False,  # gated delta-net attention and the shared expert are not modelled
+)
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         family="qwen3_moe",
@@ -254,38 +272,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         dense_layer_list_keys=("mlp_only_layers",),
         fit=False,  # shared_expert_intermediate_size is not modelled by fit.py
     ),
-    Architecture(
-        # Qwen3-Next (qwen3_next.py, qwen3_next_mtp.py): per-expert
-        # `model.layers.N.mlp.experts.{j}.{gate,up,down}_proj` (or fused), router
-        # `mlp.gate.weight`, a shared expert and its gate untouched; the MTP drafter's
-        # layers are `mtp.layers.{i}.*` (the target drops `mtp.`, the drafter maps it to
-        # `model.`), built from the same config, so pruned alike.
-        family="qwen3_next",
-        model_types=("qwen3_next",),
-        expert_count_keys=("num_experts",),
-        top_k_keys=("num_experts_per_tok",),
-        **_MLP_EXPERTS,
-        mtp_prefix="mtp.",
-        moe_intermediate_keys=("moe_intermediate_size",),
-        moe_layer_step_keys=("decoder_sparse_step",),
-        dense_layer_list_keys=("mlp_only_layers",),
-        fit=False,  # gated delta-net attention and the shared expert are not modelled
-    ),
-    Architecture(
-        # Qwen3.5 / Qwen3.6 MoE (qwen3_5.py, qwen3_5_mtp.py): the Qwen3-Next text model
-        # under `model.language_model.` (hf_to_vllm_mapper) with config in text_config
-        # (qwen3_5_moe_text); BF16 releases fuse experts as `experts.gate_up_proj`
-        # [E, 2I, H] + `experts.down_proj`, FP8 releases store them per expert; MTP
-        # layers under `mtp.layers.{i}`.
-        family="qwen3_5_moe",
-        model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
-        expert_count_keys=("num_experts",),
-        top_k_keys=("num_experts_per_tok",),
-        **_MLP_EXPERTS,
-        mtp_prefix="mtp.",
-        moe_intermediate_keys=("moe_intermediate_size",),
-        fit=False,  # gated delta-net attention and the shared expert are not modelled
-    ),
+    _QWEN3_NEXT,
+    # Qwen3.5 / Qwen3.6 MoE (qwen3_5.py, qwen3_5_mtp.py): the Qwen3-Next text model under
+    # `model.language_model.` (hf_to_vllm_mapper) with config in text_config
+    # (qwen3_5_moe_text); BF16 releases fuse experts as `experts.gate_up_proj` [E, 2I, H]
+    # + `experts.down_proj`, FP8 releases store them per expert; MTP under `mtp.layers.{i}`.
+    replace(_QWEN3_NEXT, family="qwen3_5_moe", model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+            moe_layer_step_keys=(), dense_layer_list_keys=()),
     Architecture(
         # MiniMax-M2 / M2.5 / M2.7 (minimax_m2.py): Mixtral names
         # `block_sparse_moe.experts.{j}.w{1,3,2}`, router `block_sparse_moe.gate.weight`
