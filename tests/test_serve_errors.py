@@ -36,7 +36,7 @@ CASES: dict[str, tuple[dict | str | None, tuple[str, ...]]] = {
     # which its GPU kernels would read as two windows of 4: wrong experts).
     "ep_uneven": ({"prune_ratio": 0.4375}, ("keep 9 experts per layer, which do not split "
                                             "evenly over 2 expert-parallel ranks",
-                                            "nearest: 0.375, 0.5")),
+                                            "nearest: 0.25, 0.375, 0.5")),
 }
 # Cases that need more than the extra config: vLLM arguments and environment.
 MORE_ARGS = {"ep_uneven": ["--tensor-parallel-size", "2", "--enable-expert-parallel"]}
@@ -100,8 +100,10 @@ def test_bad_input_fails_fast_and_clearly(outcomes, name):
     assert rc != 0, log[-3000:]
     lines = [l for l in log.splitlines() if all(f in l for f in fragments)]
     assert lines, f"no line with {fragments} in:\n{log[-4000:]}"
-    # ... and it is the last thing the user sees.
-    last = [l for l in log.splitlines() if l.strip()][-1]
+    # ... and it is the last thing the user sees, but for what Python's multiprocessing
+    # resource tracker (a separate process that outlives the server) prints about the
+    # shared memory vLLM's tensor-parallel workers leave behind on a failed start.
+    last = [l for l in log.splitlines() if l.strip() and "resource_tracker" not in l][-1]
     assert all(f in last for f in fragments), last
     assert written == [], f"plan files written: {written}"
     if name != "bad_json":
