@@ -261,6 +261,7 @@ def test_serving_and_fit_lookups_accept_ernie():
     assert architecture_for(config).family == "ernie4_5_moe"
     assert architecture_for(config, purpose="fit").family == "ernie4_5_moe"
     assert SUPPORTED_FAMILIES == ("qwen3_moe", "qwen3_vl_moe", "olmoe", "mixtral", "qwen2_moe",
+                                  "qwen3_next", "qwen3_5_moe", "minimax_m2",
                                   "deepseek", "glm4_moe", "deepseek_v32", "glm_moe_dsa",
                                   "glm4_moe_lite", "kimi_k2", "ernie4_5_moe", "llama4", "gpt_oss")
     # fit sizes from config only the families whose shapes fit.py models; the others

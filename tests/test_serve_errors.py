@@ -31,7 +31,8 @@ CASES: dict[str, tuple[dict | str | None, tuple[str, ...]]] = {
     "plan_other_checkpoint": ({"plan": "OTHER"}, ("different checkpoint", "vllm-aimer score")),
     "unknown_key": ({"prune_ratio": 0.5, "ratio": 0.5}, ("unknown", "'ratio'", "valid keys are")),
     "plan_out_unwritable": ({"prune_ratio": 0.5, "plan_out": "BLOCKED"}, ("not writable", "Fix:")),
-    "dense_model": ({"prune_ratio": 0.5}, ("'llama' is not a supported", "qwen3_moe, olmoe, mixtral")),
+    "dense_model": ({"prune_ratio": 0.5}, ("'llama' is not a supported", "qwen3_moe",
+                                           "olmoe, mixtral")),
     # 16 experts, ratio 7/16: 9 kept do not split over 2 EP ranks (vLLM would put 5 and 4,
     # which its GPU kernels would read as two windows of 4: wrong experts).
     "ep_uneven": ({"prune_ratio": 0.4375}, ("keep 9 experts per layer, which do not split "
