@@ -275,9 +275,9 @@ class Served:
         return float(m.group(1)) if m else None
 
 
-def aimer_args(ratio: float, plan_cache: Path | None = None) -> list[str]:
+def aimer_args(ratio: float, plan_cache: Path | None = None, **options: Any) -> list[str]:
     extra: dict[str, Any] = {"prune_ratio": ratio,
-                             "plan_cache": str(plan_cache) if plan_cache else False}
+                             "plan_cache": str(plan_cache) if plan_cache else False, **options}
     return ["--load-format", "aimer", "--model-loader-extra-config", json.dumps(extra)]
 
 
