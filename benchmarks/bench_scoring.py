@@ -10,7 +10,6 @@ checkpoint of 3+ GB, with a cold and a warm page cache:
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import sys
 import time
@@ -21,33 +20,14 @@ from typing import Any
 from benchmarks.checkpoints import (evict_page_cache, resident_fraction, shard_files,
                                     warm_page_cache)
 from benchmarks.common import REPO, Figure, Result
+from benchmarks.dense_baseline import dense_then_score
 from benchmarks.plain_read import plain_read
-from vllm_aimer.checkpoint import Checkpoint, open_checkpoint
-from vllm_aimer.layout import ExpertLayout, expert_layout
-from vllm_aimer.scoring import aimer_score_of, score_checkpoint
+from vllm_aimer.checkpoint import open_checkpoint
+from vllm_aimer.layout import expert_layout
+from vllm_aimer.scoring import score_checkpoint
 from vllm_aimer.shards import default_threads
 
-Scores = dict[int, list[float]]
 STATES = ("cold", "warm")
-
-
-def dense_then_score(ckpt: Checkpoint, layout: ExpertLayout) -> Scores:
-    """What offline pruning tools do: the whole model in memory (in its stored dtype),
-    then score it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if ckpt.config.get("torch_dtype") == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(ckpt.directory, dtype=dtype)
-    scores: Scores = {}
-    with torch.no_grad():
-        for layer in layout.layers:
-            experts = model.model.layers[layer].mlp.experts  # fused [E, ...] in memory
-            scores[layer] = [aimer_score_of([experts.gate_up_proj[e], experts.down_proj[e]])
-                             for e in range(layout.num_experts)]
-    del model
-    gc.collect()
-    return scores
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
@@ -80,7 +60,7 @@ def measure(model: Path, out_dir: Path, repeats: int, threads: int, cli: bool) -
         f"plain_read_{threads}_threads": lambda: plain_read(model, threads),
         "aimer_1_thread": lambda: score_checkpoint(ckpt, layout, progress=False, threads=1),
         "aimer": lambda: score_checkpoint(ckpt, layout, progress=False, threads=threads),
-        "dense": lambda: dense_then_score(ckpt, layout),
+        "dense": lambda: dense_then_score(model, layout.layers, layout.num_experts),
     }
     processes: dict[str, list[str]] = {}
     if cli:

@@ -6,9 +6,10 @@ with 1 thread and with every core, GPU scoring; cold and warm page cache.
 Needs torch, numpy and safetensors only (no vLLM, no pydantic), so it runs on a GPU
 machine where vLLM is not installed. It generates a bf16 checkpoint of --size GB
 (and, while its --budget allows, a float32 one of --fp32-size GB) under --dir, then
-per checkpoint and page-cache state times each path (best of --repeats), checks that
-the GPU's scores equal the CPU's within 1e-6 relative and that 1 thread and all
-threads give identical scores, and writes OUT/device_scoring.json plus a table on
+per checkpoint and page-cache state times each path (best of --repeats), with
+transformers from_pretrained + scoring (what offline tools do) as well unless
+--no-dense, checks that the GPU's (and the dense path's) scores equal the CPU's within
+1e-6 relative and that 1 thread and all threads give identical scores, and writes OUT/device_scoring.json plus a table on
 stdout. Without a CUDA device the GPU path is skipped and the reason recorded.
 
 Cold = the shards' pages evicted with posix_fadvise(DONTNEED) just before; the share
@@ -32,6 +33,7 @@ from typing import Any
 from benchmarks.checkpoints import (BF16, FULL, QUICK, ModelSpec, build_checkpoint,
                                     evict_page_cache, resident_fraction, shard_files,
                                     warm_page_cache)
+from benchmarks.dense_baseline import dense_then_score
 from benchmarks.plain_read import plain_read
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.layout import expert_layout
@@ -63,7 +65,8 @@ def gpu_available() -> tuple[bool, str]:
     return True, torch.cuda.get_device_name(0)
 
 
-def measure(model: Path, repeats: int, gpu: bool, deadline: float) -> dict[str, Any]:
+def measure(model: Path, repeats: int, gpu: bool, deadline: float,
+            dense: bool = True) -> dict[str, Any]:
     ckpt = open_checkpoint(model)
     layout = expert_layout(ckpt)
     files = shard_files(model)
@@ -80,6 +83,9 @@ def measure(model: Path, repeats: int, gpu: bool, deadline: float) -> dict[str, 
     if gpu:
         paths["gpu_scoring"] = lambda: score_checkpoint(ckpt, layout, progress=False,
                                                         threads=cores, device="cuda")
+    if dense:
+        paths["transformers_dense_then_score"] = lambda: dense_then_score(
+            model, layout.layers, layout.num_experts)
     seconds: dict[str, dict[str, list[float]]] = {"cold": {}, "warm": {}}
     resident: dict[str, list[float | None]] = {"cold": [], "warm": []}
     scores: dict[str, Any] = {}
@@ -95,15 +101,15 @@ def measure(model: Path, repeats: int, gpu: bool, deadline: float) -> dict[str, 
                 start = time.perf_counter()
                 out = fn()
                 seconds[state].setdefault(name, []).append(time.perf_counter() - start)
-                if hasattr(out, "scores"):
-                    scores[name] = out.scores
+                scores[name] = getattr(out, "scores", out)
     one, many = scores["cpu_scoring_1_thread"], scores[f"cpu_scoring_{cores}_threads"]
     checks = {"cpu_1_thread_equals_all_threads": one == many}
-    if gpu:
-        diff = max(abs(a - b) / b for layer in layout.layers
-                   for a, b in zip(scores["gpu_scoring"][layer], many[layer]))
-        checks["gpu_vs_cpu_max_rel_diff"] = diff
-        checks["gpu_equals_cpu_within_1e-6"] = diff <= SCORE_REL
+    for name, check in (("gpu_scoring", "gpu"), ("transformers_dense_then_score", "dense")):
+        if name in scores:
+            diff = max(abs(a - b) / b for layer in layout.layers
+                       for a, b in zip(scores[name][layer], many[layer]))
+            checks[f"{check}_vs_cpu_max_rel_diff"] = diff
+            checks[f"{check}_equals_cpu_within_1e-6"] = diff <= SCORE_REL
     best = {s: {k: min(v) for k, v in d.items()} for s, d in seconds.items()}
     return {"model": model.name, "dtype": ckpt.config.get("torch_dtype"),
             "expert_bytes": expert_bytes, "experts": len(layout.layers) * layout.num_experts,
@@ -114,17 +120,20 @@ def measure(model: Path, repeats: int, gpu: bool, deadline: float) -> dict[str, 
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    lines = ["| checkpoint | cache | path | GB/s | vs plain read (1 thread) |",
-             "|---|---|---|---|---|"]
+    lines = ["| checkpoint | cache | path | GB/s | vs plain read (1 thread) "
+             "| transformers load + score time / this |", "|---|---|---|---|---|---|"]
     for r in runs:
         for state, rates in r["gb_per_s"].items():
             res = [x for x in r["resident_before"][state] if x is not None]
             cached = f" ({max(res):.0%} cached before)" if state == "cold" and res else ""
             base = rates.get("plain_read_1_thread")
+            dense = rates.get("transformers_dense_then_score")
             for name, rate in rates.items():
                 ratio = f"{rate / base:.2f}x" if base else "-"
+                faster = (f"{rate / dense:.1f}x" if dense and "scoring" in name
+                          and "transformers" not in name else "-")
                 lines.append(f"| {r['model']} ({r['expert_bytes'] / 1e9:.2f} GB experts) "
-                             f"| {state}{cached} | {name} | {rate:.2f} | {ratio} |")
+                             f"| {state}{cached} | {name} | {rate:.2f} | {ratio} | {faster} |")
     return "\n".join(lines)
 
 
@@ -143,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds; later rounds and the float32 checkpoint are skipped "
                          "once past it")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--no-dense", action="store_true",
+                    help="skip transformers from_pretrained + scoring (the offline tools' path)")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     deadline = started + args.budget
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "expert_bytes": spec.expert_bytes}
         print(f"generated {spec.name}: {spec.expert_bytes / 1e9:.2f} GB of {dtype} experts "
               f"in {generation[spec.name]['seconds']} s", flush=True)
-        runs.append(measure(model, args.repeats, gpu, deadline))
+        runs.append(measure(model, args.repeats, gpu, deadline, dense=not args.no_dense))
         if not args.keep:
             shutil.rmtree(model, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,9 @@
 """benchmarks/device_scoring.py, the script a GPU session runs where vLLM and pydantic
 are not installed: here it runs with both blocked from import (a meta-path finder that
-refuses them), on small checkpoints, with its GPU path skipped and the reason recorded."""
+refuses them), on small checkpoints, with its GPU path skipped and the reason recorded.
+Its transformers path (--no-dense here: transformers probes for pydantic, which the
+blocker answers differently from a machine without it) is the benchmark's own
+dense_baseline, run by `make bench`."""
 
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ def test_device_scoring_runs_without_vllm_and_pydantic(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, "-c", _BLOCKED, "--out", str(out), "--size", "0.03",
-         "--fp32-size", "0.03", "--dir", str(tmp_path / "ckpt"), "--repeats", "1"],
+         "--fp32-size", "0.03", "--dir", str(tmp_path / "ckpt"), "--repeats", "1",
+         "--no-dense"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "device_scoring.json").read_text())

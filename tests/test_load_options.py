@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -39,6 +40,15 @@ def runs(tiny_checkpoint, tmp_path_factory):
 def test_multithread_load_reads_the_pruned_stream_with_its_threads(runs):
     assert "reading the pruned checkpoint with 3 threads" in runs["on"]["log"]
     assert "reading the pruned checkpoint with" not in runs["off"]["log"]
+
+
+def test_scoring_says_where_it_ran_and_how_fast(runs):
+    """No GPU here: the loader says it scores on the CPU and why, then logs the
+    throughput (bytes/s) and the thread count."""
+    for r in (runs["on"], runs["off"]):
+        assert "vllm-aimer: scoring on the CPU (GPU scoring skipped: no CUDA device)" in r["log"]
+        assert re.search(r"vllm-aimer: scored [\d.]+ \w+ of expert weights in [\d.]+ s "
+                         r"\([\d.]+ \w+/s, on the CPU, \d+ threads?\)", r["log"]), r["log"][-2000:]
 
 
 def test_the_model_loads_the_same_with_and_without(runs):

@@ -3,10 +3,18 @@
 The CPU only copies bytes: threads copy each projection's bytes from the shards'
 memory maps into one of two pinned staging buffers (each projection padded with zeros
 to whole runs of 256 values, which add nothing), the buffer goes to the device, and
-the device turns each run into float32 sums of |w| and w^2, added per projection in
-float64. While the GPU works on one buffer the threads fill the other. Memory is
-bounded: two pinned buffers and two device buffers of BUFFER_BYTES, plus the float32
-copy of one buffer; everything is freed (and the caching allocator emptied) before
+the device turns each run into float32 sums of |w| and w^2; those come back (a few MB
+per buffer) and are added per projection in float64 on the host. While the GPU works
+on one buffer the threads fill the other.
+
+Deterministic: no atomics; every buffer is reduced as one full-size [runs, 256] tensor
+(the unused tail zeroed on the device), so a run's sums do not depend on where it sits
+or how full the buffer is; a projection is never split across buffers unless it is
+larger than one. Tensor-parallel ranks scoring on their own GPUs therefore agree, and
+identical experts score identically.
+
+Memory is bounded: two pinned and two device buffers of BUFFER_BYTES, the float32 copy
+of one buffer, and the per-run sums; freed (and the caching allocator emptied) before
 vLLM allocates the model.
 """
 
@@ -51,6 +59,10 @@ class _Piece:
     at: int
     """Element offset in the staging buffer (a multiple of RUN)."""
 
+    @property
+    def runs(self) -> int:
+        return -(-self.count // RUN)
+
 
 def device_sums(shards: Shards, items: Sequence[tuple[ScoredTensor, int]], device: str,
                 threads: int, buffer_bytes: int = BUFFER_BYTES) -> list[list[Sums]]:
@@ -65,45 +77,47 @@ def device_sums(shards: Shards, items: Sequence[tuple[ScoredTensor, int]], devic
             segments += [_Segment(i, e, st, e * per, per) for e in range(experts)]
         else:
             segments.append(_Segment(i, 0, st, 0, numel))
+    totals = [[0.0, 0.0] for _ in segments]
     dev = torch.device(device)
-    abs_tot = torch.zeros(len(segments), dtype=torch.float64, device=dev)
-    sq_tot = torch.zeros(len(segments), dtype=torch.float64, device=dev)
     for dtype in sorted({s.st.info.dtype for s in segments}):
         _reduce(shards, [k for k, s in enumerate(segments) if s.st.info.dtype == dtype],
-                segments, dtype, dev, abs_tot, sq_tot, threads, buffer_bytes)
-    abs_cpu, sq_cpu = abs_tot.cpu().tolist(), sq_tot.cpu().tolist()
+                segments, dtype, dev, totals, threads, buffer_bytes)
     out = [[Sums() for _ in range(experts if st.expert is None else 1)]
            for st, experts in items]
-    for k, s in enumerate(segments):
-        out[s.item][s.slot].add_totals(abs_cpu[k], sq_cpu[k], s.count)
-    del abs_tot, sq_tot
+    for s, (a, q) in zip(segments, totals):
+        out[s.item][s.slot].add_totals(a, q, s.count)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return out
 
 
 def _batches(ids: list[int], segments: list[_Segment], capacity: int) -> list[list[_Piece]]:
-    """Pieces of segments packed into buffers of `capacity` elements, each piece at a
-    multiple of RUN (a segment longer than a buffer is split at multiples of RUN)."""
+    """Segments packed into buffers of `capacity` elements, each at a multiple of RUN; a
+    segment that does not fit in what is left starts a new buffer, and only one longer
+    than a whole buffer is split (from a buffer's start, so always alike)."""
     batches: list[list[_Piece]] = [[]]
     at = 0
     for k in ids:
         s = segments[k]
+        if at and at + s.count > capacity:
+            batches.append([])
+            at = 0
         done = 0
         while done < s.count:
             if at >= capacity:
                 batches.append([])
                 at = 0
             n = min(s.count - done, capacity - at)
-            batches[-1].append(_Piece(k, s.first + done, n, at))
-            at += -(-n // RUN) * RUN
+            piece = _Piece(k, s.first + done, n, at)
+            batches[-1].append(piece)
+            at += piece.runs * RUN
             done += n
     return [b for b in batches if b]
 
 
 def _reduce(shards: Shards, ids: list[int], segments: list[_Segment], dtype: str,
-            dev: torch.device, abs_tot: torch.Tensor, sq_tot: torch.Tensor,
-            threads: int, buffer_bytes: int) -> None:
+            dev: torch.device, totals: list[list[float]], threads: int,
+            buffer_bytes: int) -> None:
     tdtype = _TORCH[dtype]
     size = torch.empty(0, dtype=tdtype).element_size()
     capacity = max(RUN, buffer_bytes // size // RUN * RUN)
@@ -111,38 +125,62 @@ def _reduce(shards: Shards, ids: list[int], segments: list[_Segment], dtype: str
     pinned = [torch.empty(capacity * size, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
     hosts = [p.numpy() for p in pinned]
     staged = [torch.empty(capacity * size, dtype=torch.uint8, device=dev) for _ in range(2)]
+    sums = [torch.empty(2, capacity // RUN, dtype=torch.float64, pin_memory=cuda)
+            for _ in range(2)]
     copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
+    summed = [torch.cuda.Event() if cuda else None for _ in range(2)]
     stream = torch.cuda.Stream(dev) if cuda else None
+    pending: list[list[_Piece] | None] = [None, None]
 
     def fill(host: np.ndarray, piece: _Piece) -> None:
         s = segments[piece.seg]
         src = shards.array(s.st.info)[piece.first:piece.first + piece.count]
         a, b = piece.at * size, (piece.at + piece.count) * size
         host[a:b] = src.view(np.uint8)
-        pad = -(-piece.count // RUN) * RUN - piece.count
+        pad = piece.runs * RUN - piece.count
         if pad:
             host[b:b + pad * size] = 0
         shards.release(s.st.info, piece.first * size, (piece.first + piece.count) * size)
 
+    def settle(j: int) -> None:
+        """Add the per-run sums of the batch in slot j to its segments (host, float64,
+        in run order: the same for every rank and every position)."""
+        batch = pending[j]
+        if batch is None:
+            return
+        if summed[j] is not None:
+            summed[j].synchronize()
+        runs = sums[j].numpy()
+        starts = [p.at // RUN for p in batch]
+        stop = starts[-1] + batch[-1].runs
+        a = np.add.reduceat(runs[0, :stop], starts)
+        q = np.add.reduceat(runs[1, :stop], starts)
+        for p, x, y in zip(batch, a.tolist(), q.tolist()):
+            totals[p.seg][0] += x
+            totals[p.seg][1] += y
+        pending[j] = None
+
+    wide = torch.float64 if tdtype == torch.float64 else torch.float32
+    n = -1
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for n, batch in enumerate(_batches(ids, segments, capacity)):
             j = n % 2
+            settle(j)  # batch n-2: its sums are back, so its buffers are free too
             if copied[j] is not None:
-                copied[j].synchronize()  # the last copy out of this pinned buffer is done
+                copied[j].synchronize()
             list(pool.map(lambda p: fill(hosts[j], p), batch))
-            used = (batch[-1].at + -(-batch[-1].count // RUN) * RUN) * size
-            runs = torch.tensor([p.seg for p in batch for _ in range(-(-p.count // RUN))],
-                                dtype=torch.long)
+            used = (batch[-1].at + batch[-1].runs * RUN) * size
             with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
                 staged[j][:used].copy_(pinned[j][:used], non_blocking=cuda)
                 if copied[j] is not None:
                     copied[j].record(stream)
-                x = staged[j][:used].view(tdtype).view(-1, RUN)
-                x = x.to(torch.float64 if tdtype == torch.float64 else torch.float32)
-                index = runs.to(dev)
-                sq_tot.index_add_(0, index, torch.linalg.vecdot(x, x, dim=1).to(torch.float64))
-                abs_tot.index_add_(0, index, x.abs_().sum(1).to(torch.float64))
+                staged[j][used:].zero_()
+                x = staged[j].view(tdtype).view(-1, RUN).to(wide)  # always the full buffer
+                sums[j][1].copy_(torch.linalg.vecdot(x, x, dim=1), non_blocking=cuda)
+                sums[j][0].copy_(x.abs_().sum(1), non_blocking=cuda)
+                if summed[j] is not None:
+                    summed[j].record(stream)
                 del x
-        if stream is not None:
-            stream.synchronize()
-    del pinned, hosts, staged
+            pending[j] = batch
+        for j in sorted((0, 1), key=lambda j: j != (n + 1) % 2):  # older batch first
+            settle(j)

@@ -108,8 +108,10 @@ def score_checkpoint(
     encodings are always decoded on the CPU."""
     if not layout.scorable:
         raise RuntimeError(f"layout built without scorers: {layout.unscorable}")
-    start = time.perf_counter()
     wanted = tuple(layout.all_layers if layers is None else layers)
+    if any(not st.scorer.threaded for layer in wanted for st in layout.scored[layer]):
+        import torch  # noqa: F401 (quantized encodings decode with it: not scoring time)
+    start = time.perf_counter()
     sums = {layer: [Sums() for _ in range(layout.num_experts)] for layer in wanted}
     # File order, then offset: each shard is read front to back.
     items = sorted(((layer, st) for layer in wanted for st in layout.scored[layer]),
@@ -170,7 +172,8 @@ def score_checkpoint(
               for layer in wanted}
     norms = {layer: [math.sqrt(s.sq_sum) for s in sums[layer]] for layer in wanted}
     return ScoringResult(scores, time.perf_counter() - start, bytes_read, norms,
-                         threads=workers, device=device if on_device else "cpu")
+                         threads=workers if pooled else 1,
+                         device=device if on_device else "cpu")
 
 
 DEVICES = ("auto", "cpu", "cuda")

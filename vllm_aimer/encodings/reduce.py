@@ -27,14 +27,15 @@ so each lane adds a handful of values before the float64 total)."""
 STORAGE: dict[str, np.dtype] = {
     "F32": np.dtype(np.float32), "F64": np.dtype(np.float64),
     "F16": np.dtype(np.float16), "BF16": np.dtype(np.uint16),  # numpy has no bfloat16
+    "F8_E4M3": np.dtype(np.uint8),  # codes (encodings/fp8_block.py decodes them)
 }
-"""How each plain float safetensors dtype is viewed in numpy."""
+"""How each safetensors dtype read through memory maps is viewed in numpy."""
 
 _ONES32 = np.ones(RUN, np.float32)
 _ONES64 = np.ones(RUN, np.float64)
 
 
-def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise dot products (BLAS per row; np.vecdot is numpy >= 2)."""
     if hasattr(np, "vecdot"):
         return np.vecdot(a, b)
@@ -53,7 +54,7 @@ class _Scratch(threading.local):
         return self.buf[:nbytes]
 
 
-_scratch = _Scratch()
+scratch = _Scratch()
 
 
 def _magnitude_sums(m: np.ndarray, ones: np.ndarray) -> tuple[float, float]:
@@ -64,8 +65,8 @@ def _magnitude_sums(m: np.ndarray, ones: np.ndarray) -> tuple[float, float]:
     a = q = 0.0
     if full:
         rows = m[:full].reshape(-1, RUN)
-        a = float(_rowdot(rows, ones).sum(dtype=np.float64))
-        q = float(_rowdot(rows, rows).sum(dtype=np.float64))
+        a = float(rowdot(rows, ones).sum(dtype=np.float64))
+        q = float(rowdot(rows, rows).sum(dtype=np.float64))
     if full < n:
         tail = m[full:].astype(np.float64)
         a += float(tail.sum())
@@ -87,7 +88,7 @@ def _bf16(u: np.ndarray) -> tuple[float, float]:
         u = u.copy()
     words = u.view(np.uint32)  # little-endian: low half = even value, high half = odd
     half = n // 2
-    out = _scratch.get(4 * n)[: 4 * n].view(np.uint32)
+    out = scratch.get(4 * n)[: 4 * n].view(np.uint32)
     lo, hi = out[:half], out[half:]
     # One pass over the stored bytes (both sign bits cleared), then two in cache: the
     # even values shifted into the top half of a float32, the odd ones masked in place.
@@ -106,10 +107,10 @@ def float_sums(values: np.ndarray, dtype: str) -> tuple[float, float]:
     if dtype == "BF16":
         return _bf16(values)
     if dtype == "F64":
-        out64 = _scratch.get(8 * values.size).view(np.float64)
+        out64 = scratch.get(8 * values.size).view(np.float64)
         np.abs(values, out=out64)
         return _magnitude_sums(out64, _ONES64)
-    out = _scratch.get(4 * values.size).view(np.float32)
+    out = scratch.get(4 * values.size).view(np.float32)
     np.abs(values, out=out)  # F16 widens exactly
     return _magnitude_sums(out, _ONES32)
 
