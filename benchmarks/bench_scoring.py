@@ -20,7 +20,7 @@ from typing import Any
 from benchmarks.checkpoints import (evict_page_cache, resident_fraction, shard_files,
                                     warm_page_cache)
 from benchmarks.common import REPO, Figure, Result
-from benchmarks.dense_baseline import dense_then_score
+from benchmarks.dense_baseline import dense_then_score, warm_up
 from benchmarks.plain_read import plain_read
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.layout import expert_layout
@@ -102,9 +102,7 @@ def measure(model: Path, out_dir: Path, repeats: int, threads: int, cli: bool) -
 def run(models: list[Path], out_dir: Path, repeats: int = 2, cli_model: Path | None = None,
         threads: int | None = None) -> Result:
     threads = threads or default_threads()
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    warm_up()
     runs = [measure(m, out_dir, repeats, threads, cli=(m == cli_model)) for m in models]
     figures: list[Figure] = []
     for r in runs:

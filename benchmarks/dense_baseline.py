@@ -12,6 +12,18 @@ from vllm_aimer.scoring import aimer_score_of
 Scores = dict[int, list[float]]
 
 
+def warm_up() -> None:
+    """Import transformers and the model's code before timing (seconds that would
+    otherwise land on the first, cold, run)."""
+    import transformers
+    from transformers import AutoModelForCausalLM  # noqa: F401
+    from transformers.models.qwen3_moe import modeling_qwen3_moe  # noqa: F401
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+
+
 def dense_then_score(model: Path, layers: tuple[int, ...], num_experts: int) -> Scores:
     """AIMER scores of a generated Qwen3-MoE (fused experts in transformers 5)."""
     import json

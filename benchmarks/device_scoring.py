@@ -33,7 +33,7 @@ from typing import Any
 from benchmarks.checkpoints import (BF16, FULL, QUICK, ModelSpec, build_checkpoint,
                                     evict_page_cache, resident_fraction, shard_files,
                                     warm_page_cache)
-from benchmarks.dense_baseline import dense_then_score
+from benchmarks.dense_baseline import dense_then_score, warm_up
 from benchmarks.plain_read import plain_read
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.layout import expert_layout
@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_scoring": "measured" if gpu else f"skipped: {gpu_note}",
     }
     print(f"GPU scoring: {context['gpu_scoring']}; {usable_cpus()} usable CPUs", flush=True)
+    if not args.no_dense:
+        warm_up()
     runs, generation = [], {}
     wanted = [("bfloat16", args.size)] + ([("float32", args.fp32_size)] if args.fp32_size else [])
     for n, (dtype, size) in enumerate(wanted):
