@@ -1,6 +1,6 @@
 """benchmarks/device_scoring.py, the script a GPU session runs where vLLM and pydantic
 are not installed: here it runs with both blocked from import (a meta-path finder that
-refuses them), on small checkpoints, with its GPU path skipped and the reason recorded.
+refuses them, and psutil, prometheus_client and matplotlib, which that machine may lack), on small checkpoints, with its GPU path skipped and the reason recorded.
 Its transformers path (--no-dense here: transformers probes for pydantic, which the
 blocker answers differently from a machine without it) is the benchmark's own
 dense_baseline, run by `make bench`."""
@@ -20,7 +20,8 @@ import importlib.abc, runpy, sys
 
 class NotOnTheGpuMachine(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("vllm", "pydantic"):
+        if name.partition(".")[0] in ("vllm", "pydantic", "psutil", "prometheus_client",
+                                      "matplotlib"):
             raise ImportError(f"{name} is not installed on the GPU machine")
 
 sys.meta_path.insert(0, NotOnTheGpuMachine())
@@ -43,6 +44,7 @@ def test_device_scoring_runs_without_vllm_and_pydantic(tmp_path):
     assert [r["dtype"] for r in result["runs"]] == ["bfloat16", "float32"]
     for run in result["runs"]:
         assert run["checks"] == {"cpu_1_thread_equals_all_threads": True}
+        assert run["failed"] == {}
         for state in ("cold", "warm"):
             assert set(run["gb_per_s"][state]) == {
                 "plain_read_1_thread", f"plain_read_{run['cores']}_threads",
