@@ -1,141 +1,167 @@
-"""Figure 1: scoring throughput of `score_checkpoint` next to (a) a plain chunked read
-of the same expert bytes and (b) the offline tools' path: load the dense model with
-transformers, then score its in-memory expert parameters."""
+"""Figure 1: scoring throughput, side by side in one run, on a float32 and a bf16
+checkpoint of 3+ GB, with a cold and a warm page cache:
+
+- `score_checkpoint` (what the loader and `vllm-aimer score` run) next to a plain
+  chunked read of the same expert bytes into a float32 buffer (benchmarks/plain_read.py);
+- the whole `vllm-aimer score` process next to a plain chunked-read process (bf16);
+- transformers `from_pretrained` of the dense model followed by scoring its in-memory
+  expert parameters (what offline pruning tools do).
+"""
 
 from __future__ import annotations
 
-import gc
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import torch
-from safetensors import safe_open
+from benchmarks.checkpoints import (evict_page_cache, resident_fraction, shard_files,
+                                    warm_page_cache)
+from benchmarks.common import REPO, Figure, Result
+from benchmarks.dense_baseline import dense_then_score, warm_up
+from benchmarks.plain_read import plain_read
+from vllm_aimer.checkpoint import open_checkpoint
+from vllm_aimer.layout import expert_layout
+from vllm_aimer.scoring import score_checkpoint
+from vllm_aimer.shards import default_threads
 
-from benchmarks.common import Figure, Result, evict_page_cache, shard_files
-from vllm_aimer.checkpoint import Checkpoint, open_checkpoint
-from vllm_aimer.layout import ExpertLayout, expert_layout
-from vllm_aimer.scoring import CHUNK_ELEMENTS, aimer_score_of, score_checkpoint
-
-Scores = dict[int, list[float]]
-
-
-def aimer(ckpt: Checkpoint, layout: ExpertLayout) -> Scores:
-    return score_checkpoint(ckpt, layout, progress=False).scores
-
-
-def plain_read(ckpt: Checkpoint, layout: ExpertLayout) -> Scores:
-    """The same tensors, files and chunks as score_checkpoint; each chunk only summed."""
-    by_file: dict[str, list[str]] = {}
-    for layer in layout.layers:
-        for st in layout.scored[layer]:
-            by_file.setdefault(st.info.file, []).append(st.info.name)
-    total = 0.0
-    for file in sorted(by_file):
-        with safe_open(ckpt.path(file), framework="pt") as f:
-            for name in by_file[file]:
-                sl = f.get_slice(name)
-                rows = sl.get_shape()[0]
-                step = max(1, CHUNK_ELEMENTS // (ckpt.tensors[name].numel // rows))
-                for start in range(0, rows, step):
-                    total += float(sl[start:start + step].sum())
-    return {-1: [total]}
+STATES = ("cold", "warm")
 
 
-def dense_then_score(ckpt: Checkpoint, layout: ExpertLayout) -> Scores:
-    """What offline pruning tools do: the whole model in memory, then score it."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(ckpt.directory, dtype=torch.float32)
-    scores: Scores = {}
-    with torch.no_grad():
-        for layer in layout.layers:
-            experts = model.model.layers[layer].mlp.experts  # fused [E, ...] in memory
-            scores[layer] = [aimer_score_of([experts.gate_up_proj[e], experts.down_proj[e]])
-                             for e in range(layout.num_experts)]
-    del model
-    gc.collect()
-    return scores
+def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    start, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - start, time.process_time() - cpu, out
 
 
-PATHS: dict[str, Callable[[Checkpoint, ExpertLayout], Scores]] = {
-    "aimer_score_checkpoint": aimer,
-    "plain_chunked_read": plain_read,
-    "transformers_dense_load_then_score": dense_then_score,
-}
+def _process(argv: list[str]) -> float:
+    """Wall time of a child process, start-up included."""
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
 
 
-def run(model: Path, repeats: int = 2, threads: int = 1) -> Result:
-    """`threads`: torch intra-op threads, 1 as in vLLM's CPU worker (bound to one core),
-    which also keeps the figures steady when other jobs share the two cores."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return _run(model, repeats)
-    finally:
-        torch.set_num_threads(previous_threads)
+def _prepare(state: str, files: list[Path]) -> float | None:
+    (evict_page_cache if state == "cold" else warm_page_cache)(files)
+    return resident_fraction(files)
 
 
-def _run(model: Path, repeats: int) -> Result:
+def measure(model: Path, out_dir: Path, repeats: int, threads: int, cli: bool) -> dict[str, Any]:
+    """Best (lowest) wall time of each path per page-cache state, over `repeats`
+    interleaved rounds; each path gets the cache state it is measured in just before."""
     ckpt = open_checkpoint(model)
     layout = expert_layout(ckpt)
+    files = shard_files(model)
     expert_bytes = sum(st.info.nbytes for layer in layout.layers for st in layout.scored[layer])
-    seconds: dict[str, list[float]] = {name: [] for name in PATHS}
-    cpu_seconds: dict[str, list[float]] = {name: [] for name in PATHS}
-    scores: dict[str, Scores] = {}
-    aimer_score_of([torch.ones(8)])  # first-call set-up of the float64 kernels, untimed
-    # Interleaved: cold (pages evicted from the page cache first), then warm.
-    for attempt in range(repeats):
-        for name, path in PATHS.items():
-            if attempt == 0:
-                evict_page_cache(shard_files(model))
-            start, cpu = time.perf_counter(), time.process_time()
-            scores[name] = path(ckpt, layout)
-            seconds[name].append(time.perf_counter() - start)
-            cpu_seconds[name].append(time.process_time() - cpu)
+    paths: dict[str, Callable[[], Any]] = {
+        "plain_read": lambda: plain_read(model),
+        f"plain_read_{threads}_threads": lambda: plain_read(model, threads),
+        "aimer_1_thread": lambda: score_checkpoint(ckpt, layout, progress=False, threads=1),
+        "aimer": lambda: score_checkpoint(ckpt, layout, progress=False, threads=threads),
+        "dense": lambda: dense_then_score(model, layout.layers, layout.num_experts),
+    }
+    processes: dict[str, list[str]] = {}
+    if cli:
+        processes = {
+            "plain_read_process": [sys.executable, "-m", "benchmarks.plain_read", str(model)],
+            "cli_process": [str(Path(sys.executable).with_name("vllm-aimer")), "score",
+                            str(model), "--ratio", "0.5", "--quiet", "--output",
+                            str(out_dir / "cli-score")],
+        }
+    seconds: dict[str, dict[str, list[float]]] = {s: {} for s in STATES}
+    cpu: dict[str, dict[str, list[float]]] = {s: {} for s in STATES}
+    resident: dict[str, list[float | None]] = {s: [] for s in STATES}
+    results: dict[str, Any] = {}
+    for _ in range(repeats):
+        for state in STATES:
+            for name, fn in paths.items():
+                resident[state].append(_prepare(state, files))
+                wall, used, results[name] = _timed(fn)
+                seconds[state].setdefault(name, []).append(wall)
+                cpu[state].setdefault(name, []).append(used)
+            for name, argv in processes.items():
+                resident[state].append(_prepare(state, files))
+                seconds[state].setdefault(name, []).append(_process(argv))
+    aimer, dense, single = (results[k] for k in ("aimer", "dense", "aimer_1_thread"))
+    # The dense path and every thread count must give the scores the loader uses.
+    diff = max(abs(a - b) / b for layer in layout.layers
+               for a, b in zip(aimer.scores[layer], dense[layer]))
+    if diff > 1e-6:
+        raise AssertionError(f"dense-path scores differ from score_checkpoint by {diff:.1e}")
+    if single.scores != aimer.scores:
+        raise AssertionError("scores differ between 1 and %d threads" % threads)
+    return {"model": model.name, "dtype": ckpt.config.get("torch_dtype"),
+            "shards": len(ckpt.files), "expert_bytes": expert_bytes,
+            "experts": len(layout.layers) * layout.num_experts, "threads": threads,
+            "seconds": seconds, "cpu_seconds": cpu, "resident_before": resident,
+            "max_rel_score_diff_dense": diff}
 
-    # The dense path must compute the very scores the loader uses.
-    diff = max(abs(a - b) for layer in layout.layers for a, b in
-               zip(scores["aimer_score_checkpoint"][layer],
-                   scores["transformers_dense_load_then_score"][layer]))
-    if diff > 1e-9:
-        raise AssertionError(f"dense-path scores differ from score_checkpoint by {diff}")
 
-    gbps = {name: [expert_bytes / s / 1e9 for s in secs] for name, secs in seconds.items()}
-    a, p, d = (seconds[n] for n in PATHS)
-    ca, cp, cd = (cpu_seconds[n] for n in PATHS)
-    figures = []
-    for i, label in enumerate(("cold", "warm")[:repeats]):
-        vs_read = p[i] / a[i]
-        vs_dense = d[i] / a[i]
-        figures.append(Figure(
-            f"1. scoring vs plain chunked read ({label})", ">= 0.8x", vs_read, vs_read >= 0.8,
-            f"aimer {gbps['aimer_score_checkpoint'][i]:.2f} GB/s, plain read "
-            f"{gbps['plain_chunked_read'][i]:.2f} GB/s ({expert_bytes / 1e9:.2f} GB of experts); "
-            f"CPU s: aimer {ca[i]:.2f}, plain read {cp[i]:.2f}"))
-        figures.append(Figure(
-            f"1. scoring vs dense load then score ({label})", ">= 10x faster", vs_dense,
-            vs_dense >= 10,
-            f"aimer {a[i]:.2f} s, transformers from_pretrained + score {d[i]:.2f} s; CPU s: "
-            f"aimer {ca[i]:.2f}, dense {cd[i]:.2f}"))
+def run(models: list[Path], out_dir: Path, repeats: int = 2, cli_model: Path | None = None,
+        threads: int | None = None) -> Result:
+    threads = threads or default_threads()
+    warm_up()
+    runs = [measure(m, out_dir, repeats, threads, cli=(m == cli_model)) for m in models]
+    figures: list[Figure] = []
+    for r in runs:
+        gb = r["expert_bytes"] / 1e9
+        for state in STATES:
+            best = {k: min(v) for k, v in r["seconds"][state].items()}
+            c = {k: min(v) for k, v in r["cpu_seconds"][state].items()}
+            rate = {k: gb / v for k, v in best.items()}
+            label = f"{r['dtype']}, {state}"
+            vs_read = best["plain_read"] / best["aimer"]
+            figures.append(Figure(
+                f"1. scoring vs plain chunked read ({label})", ">= 0.8x", vs_read,
+                vs_read >= 0.8,
+                f"aimer {rate['aimer']:.2f} GB/s ({threads} threads; 1 thread "
+                f"{rate['aimer_1_thread']:.2f}), plain read {rate['plain_read']:.2f} GB/s "
+                f"(1 thread; {threads} threads {rate[f'plain_read_{threads}_threads']:.2f}); "
+                f"{gb:.2f} GB of experts; CPU s: aimer {c['aimer']:.2f}, plain read "
+                f"{c['plain_read']:.2f}"))
+            vs_dense = best["dense"] / best["aimer"]
+            figures.append(Figure(
+                f"1. scoring vs dense load then score ({label})", ">= 10x faster", vs_dense,
+                vs_dense >= 10,
+                f"aimer {best['aimer']:.2f} s, transformers from_pretrained + score "
+                f"{best['dense']:.2f} s; CPU s: aimer {c['aimer']:.2f}, dense {c['dense']:.2f}"))
+            if "cli_process" in best:
+                vs_proc = best["plain_read_process"] / best["cli_process"]
+                figures.append(Figure(
+                    f"1. whole `vllm-aimer score` process vs plain chunked-read process "
+                    f"({label})", ">= 0.8x", vs_proc, vs_proc >= 0.8,
+                    f"vllm-aimer score {best['cli_process']:.2f} s "
+                    f"({gb / best['cli_process']:.2f} GB/s), plain read process "
+                    f"{best['plain_read_process']:.2f} s ({gb / best['plain_read_process']:.2f} "
+                    "GB/s), start-up included"))
+    desc = "; ".join(f"{r['model']} ({r['dtype']}, {r['expert_bytes'] / 1e9:.2f} GB of experts "
+                     f"in {r['experts']} experts, {r['shards']} shards)" for r in runs)
+    resident = {r["model"]: {s: [x for x in r["resident_before"][s] if x is not None]
+                             for s in STATES} for r in runs}
+    cold_max = max((max(v["cold"], default=0.0) for v in resident.values()), default=0.0)
+    warm_min = min((min(v["warm"], default=1.0) for v in resident.values()), default=1.0)
     method = (
-        f"Each path reads the same {len(layout.layers) * layout.num_experts} experts' gate/up/down "
-        f"weights ({expert_bytes / 1e9:.2f} GB, float32, {len(ckpt.files)} shards). The paths run "
-        "interleaved, twice: before the first (cold) run of each path the shards' pages are "
-        "evicted from the page cache (fsync + posix_fadvise DONTNEED), the second (warm) run "
-        "reads them from memory. Throughput = expert bytes / wall time. The plain read uses the "
-        f"same files, tensors, safe_open + get_slice and chunk size ({CHUNK_ELEMENTS} elements) "
-        "as score_checkpoint and sums each chunk. The dense path is "
-        "AutoModelForCausalLM.from_pretrained(float32) followed by aimer_score_of on each "
-        "expert's in-memory parameters; its scores are checked equal to score_checkpoint's "
-        f"(max |diff| {diff:.1e}). torch threads: {torch.get_num_threads()}. 'CPU s': "
-        "this process's user + system CPU time for the path, which other jobs on the "
-        "machine hardly change.")
-    raw = {"expert_bytes": expert_bytes, "seconds": seconds, "cpu_seconds": cpu_seconds,
-           "gb_per_s": gbps,
-           "max_score_diff_dense_vs_aimer": diff, "chunk_elements": CHUNK_ELEMENTS,
-           "torch_threads": torch.get_num_threads()}
-    return Result("scoring", figures, method, raw)
+        f"Models: {desc}. Each path reads the same routed experts' gate/up/down weights. "
+        f"Rounds: {repeats}; in each, every path runs once cold (the shards' pages evicted "
+        "just before: fsync + posix_fadvise DONTNEED; mincore found at most "
+        f"{cold_max:.0%} of the pages still cached) and once warm (the shards read once "
+        f"just before; at least {warm_min:.0%} cached); figures compare the best time of "
+        "each path. Throughput = expert bytes / wall time. aimer = score_checkpoint (the "
+        "loader's and `vllm-aimer score`'s code): shards memory-mapped, bf16 widened by "
+        "a 16-bit shift of a uint16 view, |w| and w^2 summed by two BLAS dot products "
+        f"per 256 values, {threads} threads (default: one per CPU, at least 4, since a "
+        "cold cache is read through page faults and more in flight read faster). Plain "
+        "read = benchmarks/plain_read.py: 1 MiB preads into a reused buffer, bf16 widened "
+        "into a float32 buffer, one thread (also shown with as many threads as aimer). "
+        "The whole-process figure runs `vllm-aimer score MODEL --ratio 0.5 --quiet` "
+        "(scores, plan files) against `python -m benchmarks.plain_read MODEL`, both as "
+        "child processes timed from spawn to exit. The dense path is "
+        "AutoModelForCausalLM.from_pretrained in the checkpoint's dtype, then "
+        "aimer_score_of on each expert's in-memory parameters; its scores equal "
+        "score_checkpoint's within "
+        f"{max(r['max_rel_score_diff_dense'] for r in runs):.1e} relative, and scores "
+        "with 1 thread equal those with all threads exactly. 'CPU s': this process's "
+        "user + system CPU time for the path.")
+    return Result("scoring", figures, method, {"runs": runs})

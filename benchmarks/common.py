@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmarks: generated checkpoints, machine description,
-page-cache control, `vllm serve` runs with memory sampling, and result files."""
+"""Shared pieces of the benchmarks: machine description, `vllm serve` runs with memory
+sampling, and result files (generated checkpoints and page-cache control: checkpoints.py)."""
 
 from __future__ import annotations
 
@@ -22,173 +22,13 @@ import psutil
 
 from vllm_aimer.server import ServerProcess
 
+from benchmarks.checkpoints import (  # noqa: F401 (re-exported for the benchmarks)
+    BF16, FULL, GIB, QUICK, QUICK_BF16, ModelSpec, build_checkpoint, evict_page_cache,
+    shard_files, warm_page_cache)
+
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "benchmarks" / "work"
 SERVE_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512"]
-BYTES_PER_WEIGHT = 4  # checkpoints are stored in float32, the dtype they are served in
-GIB = 1 << 30
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A random Qwen3-MoE checkpoint, every layer MoE, stored in float32."""
-    name: str
-    layers: int
-    hidden: int
-    moe_intermediate: int
-    experts: int
-    top_k: int
-    heads: int
-    kv_heads: int
-    head_dim: int = 64
-    vocab: int = 256
-    shard_bytes: int = GIB
-    seed: int = 0
-
-    def without_experts(self) -> "ModelSpec":
-        """The same model with the smallest experts vLLM's CPU MoE kernel accepts
-        (intermediate 32): the runtime's fixed overhead, measured, not guessed."""
-        return replace(self, name=f"{self.name}-tiny-experts", moe_intermediate=32)
-
-    def config(self) -> dict[str, Any]:
-        # Field names of the public Qwen3-30B-A3B config.json (`num_experts`).
-        return {
-            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-            "vocab_size": self.vocab, "hidden_size": self.hidden,
-            "intermediate_size": 4 * self.hidden, "moe_intermediate_size": self.moe_intermediate,
-            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
-            "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
-            "num_experts": self.experts, "num_experts_per_tok": self.top_k,
-            "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
-            "output_router_logits": False, "router_aux_loss_coef": 0.001,
-            "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-            "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
-            "max_position_embeddings": 4096, "max_window_layers": self.layers,
-            "sliding_window": None, "use_sliding_window": False, "use_cache": True,
-            "initializer_range": 0.02, "tie_word_embeddings": False,
-            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-            "torch_dtype": "float32",
-        }
-
-    def tensors(self) -> Iterator[tuple[str, tuple[int, ...]]]:
-        """(name, shape) of every tensor, in the order real checkpoints store them."""
-        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        yield "model.embed_tokens.weight", (self.vocab, h)
-        for i in range(self.layers):
-            p = f"model.layers.{i}"
-            yield f"{p}.input_layernorm.weight", (h,)
-            yield f"{p}.post_attention_layernorm.weight", (h,)
-            yield f"{p}.self_attn.q_proj.weight", (q, h)
-            yield f"{p}.self_attn.k_proj.weight", (kv, h)
-            yield f"{p}.self_attn.v_proj.weight", (kv, h)
-            yield f"{p}.self_attn.o_proj.weight", (h, q)
-            yield f"{p}.self_attn.q_norm.weight", (self.head_dim,)
-            yield f"{p}.self_attn.k_norm.weight", (self.head_dim,)
-            yield f"{p}.mlp.gate.weight", (self.experts, h)
-            for j in range(self.experts):
-                e = f"{p}.mlp.experts.{j}"
-                yield f"{e}.gate_proj.weight", (self.moe_intermediate, h)
-                yield f"{e}.up_proj.weight", (self.moe_intermediate, h)
-                yield f"{e}.down_proj.weight", (h, self.moe_intermediate)
-        yield "model.norm.weight", (h,)
-        yield "lm_head.weight", (self.vocab, h)
-
-    @property
-    def expert_bytes(self) -> int:
-        """Bytes of all routed experts' weights."""
-        per_expert = 3 * self.hidden * self.moe_intermediate * BYTES_PER_WEIGHT
-        return per_expert * self.experts * self.layers
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(_numel(s) for _, s in self.tensors()) * BYTES_PER_WEIGHT
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-# Full: 3.1 GiB of float32 weights, 96 % of it in 512 experts of 6 MiB (OLMoE-like
-# 64 experts, top-8); fits vLLM CPU in float32 with room to spare in 24 GiB.
-FULL = ModelSpec("moe-3g", layers=8, hidden=1024, moe_intermediate=512, experts=64, top_k=8,
-                 heads=16, kv_heads=4)
-# Quick: the same shape of model, 0.2 GiB, for a smoke run of every code path.
-QUICK = ModelSpec("moe-small", layers=4, hidden=512, moe_intermediate=256, experts=32, top_k=4,
-                  heads=8, kv_heads=2, shard_bytes=64 << 20)
-
-
-def build_checkpoint(spec: ModelSpec, directory: Path) -> Path:
-    """Write `spec` as a sharded safetensors checkpoint with a tokenizer; reuse an
-    existing one written from the same spec. Weights are N(0, 0.02), norms 1."""
-    import torch
-    from safetensors.torch import save_file
-
-    from vllm_aimer.tiny import build_tokenizer
-
-    marker = directory / ".bench-spec.json"
-    wanted = json.dumps(asdict(spec), sort_keys=True)
-    if marker.is_file() and marker.read_text() == wanted:
-        return directory
-    if directory.exists():
-        subprocess.run(["rm", "-rf", str(directory)], check=True)
-    directory.mkdir(parents=True)
-
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in spec.tensors():
-        nbytes = _numel(shape) * BYTES_PER_WEIGHT
-        if shards[-1] and size + nbytes > spec.shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += nbytes
-    g = torch.Generator().manual_seed(spec.seed)
-    weight_map: dict[str, str] = {}
-    for k, shard in enumerate(shards, 1):
-        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: (torch.ones(shape) if name.endswith("norm.weight")
-                          else torch.empty(shape).normal_(0.0, 0.02, generator=g))
-                   for name, shape in shard}
-        save_file(tensors, directory / file, metadata={"format": "pt"})
-        weight_map.update({name: file for name in tensors})
-        del tensors
-    index = {"metadata": {"total_size": spec.total_bytes}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    (directory / "config.json").write_text(json.dumps(spec.config(), indent=1))
-    build_tokenizer(directory, spec.vocab)
-    marker.write_text(wanted)
-    return directory
-
-
-def shard_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.safetensors"))
-
-
-# --------------------------------------------------------------------------- page cache
-
-def evict_page_cache(files: Sequence[Path]) -> None:
-    """Drop the files' clean pages from the page cache (no root needed), so the
-    next read comes from disk: a cold read."""
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def warm_page_cache(files: Sequence[Path]) -> None:
-    """Read the files once so that later reads are served from memory."""
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while f.read(64 << 20):
-                pass
 
 
 # --------------------------------------------------------------------------- machine
@@ -435,9 +275,9 @@ class Served:
         return float(m.group(1)) if m else None
 
 
-def aimer_args(ratio: float, plan_cache: Path | None = None) -> list[str]:
+def aimer_args(ratio: float, plan_cache: Path | None = None, **options: Any) -> list[str]:
     extra: dict[str, Any] = {"prune_ratio": ratio,
-                             "plan_cache": str(plan_cache) if plan_cache else False}
+                             "plan_cache": str(plan_cache) if plan_cache else False, **options}
     return ["--load-format", "aimer", "--model-loader-extra-config", json.dumps(extra)]
 
 

@@ -21,6 +21,12 @@ benchmarks/results/gpu-check.json. About 5-8 minutes on one H100/H200.
 6. With two GPUs: tensor parallelism 2 and expert parallelism 2 against step 1's
    single-GPU pruned logprobs (bound 0.05).
 
+Step 0 needs only torch with CUDA and runs first, so it also runs where vLLM is
+missing (the script then stops after it, saying so): GPU scoring throughput on
+moe-3g with a warm page cache, next to CPU scoring on every core and a plain chunked
+read, and its scores against the CPU's (1e-6 relative). benchmarks/device_scoring.py
+measures the same with cold caches, bf16 and one thread as well.
+
 On a machine without a CUDA GPU it stops at once with "needs a CUDA GPU".
 `--cpu-smoke` runs step 1 on a tiny model on vLLM's CPU build in float32 (the tests
 use it to keep this script working; its figures say nothing about GPUs).
@@ -114,6 +120,48 @@ def fidelity(table: Table, name: str, model: Path, work: Path, base: dict[str, A
     return pruned
 
 
+def gpu_scoring(table: Table, model: Path, device: str = "cuda") -> None:
+    """Step 0: GPU scoring throughput (warm page cache, best of 2) next to CPU scoring
+    on every core and a plain chunked read; GPU scores equal CPU scores within 1e-6.
+    (device "cpu": the same steps with CPU scoring twice, how the tests run it.)"""
+    import torch
+
+    from benchmarks.checkpoints import warm_page_cache, shard_files
+    from benchmarks.plain_read import plain_read
+    from vllm_aimer.checkpoint import open_checkpoint
+    from vllm_aimer.layout import expert_layout
+    from vllm_aimer.scoring import score_checkpoint
+    from vllm_aimer.shards import usable_cpus
+
+    if device != "cpu":
+        torch.zeros(1, device=device)  # the CUDA context exists in a vLLM worker already
+    ckpt = open_checkpoint(model)
+    layout = expert_layout(ckpt)
+    cores = usable_cpus()
+    warm_page_cache(shard_files(model))
+    best: dict[str, float] = {}
+    results: dict[str, Any] = {}
+    for _ in range(2):
+        for name, fn in (("plain", lambda: plain_read(model)),
+                         ("cpu", lambda: score_checkpoint(ckpt, layout, progress=False,
+                                                          threads=cores)),
+                         ("gpu", lambda: score_checkpoint(ckpt, layout, progress=False,
+                                                          threads=cores, device=device))):
+            t = time.perf_counter()
+            results[name] = fn()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+    gb = results["cpu"].bytes_read / 1e9
+    table.add(f"{model.name}: GPU scoring throughput (warm page cache)",
+              f"{gb / best['gpu']:.2f} GB/s = {best['plain'] / best['gpu']:.2f}x plain read "
+              f"({gb / best['plain']:.2f} GB/s); CPU scoring on {cores} cores "
+              f"{gb / best['cpu']:.2f} GB/s", ">= 0.8x plain read",
+              best["plain"] / best["gpu"] >= 0.8)
+    diff = max(abs(a - b) / b for layer in layout.layers
+               for a, b in zip(results["gpu"].scores[layer], results["cpu"].scores[layer]))
+    table.add(f"{model.name}: GPU scores vs CPU scores, max relative difference", f"{diff:.1e}",
+              "<= 1e-6", diff <= 1e-6)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -126,19 +174,23 @@ def main(argv: list[str] | None = None) -> int:
               "Run `make gpu-check` on a machine with an NVIDIA GPU and vLLM built for CUDA.",
               file=sys.stderr)
         return 2
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        print("gpu-check needs vLLM (pip install vllm, the CUDA build) next to vllm-aimer; "
-              "nothing was run.", file=sys.stderr)
-        return 2
-    from benchmarks.common import FULL, QUICK, build_checkpoint
-    from vllm_aimer.tiny import quantize_experts_fp8
+    from benchmarks.checkpoints import FULL, QUICK, build_checkpoint
 
     started = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
     table = Table()
     print("| check | measured | bound | ok |\n|---|---|---|---|", flush=True)
+    if not args.cpu_smoke:
+        gpu_scoring(table, build_checkpoint(FULL, WORK / "moe-3g"))
+    try:
+        import vllm
+    except ImportError:
+        print("gpu-check needs vLLM (pip install vllm, the CUDA build) next to vllm-aimer "
+              "for the engine checks; only step 0 (GPU scoring) was run.", file=sys.stderr)
+        _finish(table, args.out, started, {"mode": "gpu, no vLLM"})
+        return 2
+    from vllm_aimer.tiny import quantize_experts_fp8
+
     if args.cpu_smoke:
         from vllm_aimer.tiny import build_tiny_moe
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from benchmarks import (bench_export, bench_generation, bench_memory, bench_scoring,
                         bench_startup)
-from benchmarks.common import (FULL, GIB, QUICK, REPO, WORK, Figure, Result, build_checkpoint,
-                               machine_info, write_result)
+from benchmarks.common import (BF16, FULL, GIB, QUICK, QUICK_BF16, REPO, WORK, Figure, Result,
+                               build_checkpoint, machine_info, write_result)
 
 NAMES = ("scoring", "memory", "startup", "generation", "export")
 
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(only) - set(NAMES):
         ap.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {NAMES}")
     spec = QUICK if args.quick else FULL
+    bf16_spec = QUICK_BF16 if args.quick else BF16
     default_out = WORK / "results-quick" if args.quick else REPO / "benchmarks" / "results"
     out = args.out.resolve() if args.out else default_out
     started = time.perf_counter()
@@ -48,15 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     model = build_checkpoint(spec, WORK / f"ckpt-{spec.name}")
     tiny = build_checkpoint(spec.without_experts(), WORK / f"ckpt-{spec.without_experts().name}")
+    # The scoring benchmark's bf16 model (served by nothing: no tokenizer).
+    bf16 = (build_checkpoint(bf16_spec, WORK / f"ckpt-{bf16_spec.name}", tokenizer=False)
+            if "scoring" in only else None)
     generation_seconds = time.perf_counter() - t
     context: dict[str, Any] = {
         "mode": "quick" if args.quick else "full", "machine": machine_info(),
         "model": {**asdict(spec), "total_bytes": spec.total_bytes,
-                  "expert_bytes": spec.expert_bytes, "dtype": "float32"},
+                  "expert_bytes": spec.expert_bytes},
+        "bf16_model": {**asdict(bf16_spec), "total_bytes": bf16_spec.total_bytes,
+                       "expert_bytes": bf16_spec.expert_bytes},
     }
 
     runs: dict[str, Callable[[], Result]] = {
-        "scoring": lambda: bench_scoring.run(model),
+        "scoring": lambda: bench_scoring.run([model, bf16], WORK / "scoring",
+                                             repeats=1 if args.quick else 2, cli_model=bf16),
         "memory": lambda: bench_memory.run(model, tiny, WORK / "servers" / "memory",
                                            (0.5,) if args.quick else (0.25, 0.5)),
         "startup": lambda: bench_startup.run(model, WORK / "servers" / "startup",
@@ -91,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = write_summary(out, context, total, generation_seconds, failed)
     print(f"\nsummary: {os.path.relpath(summary, REPO)} ({total / 60:.1f} min in all)")
     if not args.keep:
-        for d in (model, tiny):
-            shutil.rmtree(d, ignore_errors=True)
+        for d in (model, tiny, bf16):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_summary(out: Path, context: dict[str, Any], total: float, gen_seconds: float,
                   failed: list[str]) -> Path:
     """summary.md from the result files in `out` (so --only reruns keep the others)."""
-    m, spec = context["machine"], context["model"]
+    m, spec, b = context["machine"], context["model"], context["bf16_model"]
     lines = [
         "# vllm-aimer benchmarks", "",
         f"`make bench`{' --quick' if context['mode'] == 'quick' else ''}, {m['date']}, "
@@ -121,7 +129,10 @@ def write_summary(out: Path, context: dict[str, Any], total: float, gen_seconds:
         f"{spec['moe_intermediate']}, top-{spec['top_k']}, {spec['heads']} heads of "
         f"{spec['head_dim']}, vocab {spec['vocab']}), float32, "
         f"{spec['total_bytes'] / GIB:.2f} GiB of which routed experts "
-        f"{spec['expert_bytes'] / GIB:.2f} GiB, shards of <= {spec['shard_bytes'] / GIB:.2f} GiB.",
+        f"{spec['expert_bytes'] / GIB:.2f} GiB, shards of <= {spec['shard_bytes'] / GIB:.2f} GiB. "
+        f"Scoring also uses {b['name']}: the same layers, {b['layers']} of them, in bfloat16, "
+        f"{b['total_bytes'] / GIB:.2f} GiB ({b['total_bytes'] / 1e9:.2f} GB) of which routed "
+        f"experts {b['expert_bytes'] / GIB:.2f} GiB.",
         "",
         "| figure | goal | measured ratio | met | raw numbers |",
         "|---|---|---|---|---|",

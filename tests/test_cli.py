@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import (
     EXPERT_ANY_RE, header_bytes, reference_k, reference_pruned, reference_scores)
@@ -244,3 +245,30 @@ def test_bad_input_writes_nothing(runs):
     leftovers = [p for p in tree(root) if p.rsplit("/", 1)[-1].startswith(".")
                  or p.endswith(".tmp")]
     assert leftovers == []
+
+
+# --------------------------------------------------------------------------- start-up
+
+_IMPORT_PROBE = """
+import sys
+from vllm_aimer.cli import main
+rc = main(sys.argv[1:])
+print("LOADED", sorted(m for m in ("torch", "vllm", "transformers") if m in sys.modules))
+sys.exit(rc)
+"""
+
+
+def test_offline_commands_import_neither_vllm_nor_torch(tiny_checkpoint, tmp_path):
+    """`score` (plain float experts), `inspect`, `plan` and `fit` in a fresh interpreter:
+    vLLM is never imported and neither is torch (seconds of start-up each; the whole
+    `vllm-aimer score` process is benchmarked against a plain read in `make bench`)."""
+    model = tiny_checkpoint("qwen3_moe", dtype=torch.bfloat16, max_shard_size="1MB")
+    out = tmp_path / "plan"
+    commands = [["score", str(model), "--ratio", "0.5", "--output", str(out), "--quiet"],
+                ["inspect", str(model)], ["plan", str(model), str(out)],
+                ["fit", str(model), "--gpus", "1"]]
+    for argv in commands:
+        proc = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, *argv], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[-1] == "LOADED []", (argv[0], proc.stdout[-500:])

@@ -88,6 +88,26 @@ def test_scores_equal_dequantized_aimer(quant_checkpoint, name, record_property)
     assert {int(k): v for k, v in plan.pruned_experts().items()} == reference_plan(want, 4)
 
 
+def test_block_fp8_reads_whole_blocks_in_numpy_on_threads(quant_checkpoint):
+    """Whole 128x128 blocks of E4M3 codes with float32 scales take the memory-mapped
+    numpy path (threaded); its scores equal the torch decoder's on the same checkpoint
+    and the numpy dequantize-then-AIMER reference, for any thread count."""
+    model = quant_checkpoint("fp8-block-128")
+    ckpt = open_checkpoint(model)
+    layout = expert_layout(ckpt)
+    scorers = [st.scorer for layer in layout.layers for st in layout.scored[layer]]
+    assert scorers and all(s.threaded for s in scorers)
+    mapped = [score_checkpoint(ckpt, layout, progress=False, threads=n).scores for n in (1, 4)]
+    assert mapped[0] == mapped[1]
+    for s in scorers:
+        s.threaded = False  # the torch decoder, as for partial blocks or E5M2
+    decoded = score_checkpoint(ckpt, layout, progress=False).scores
+    want = reference_scores(model, FORMATS["fp8-block-128"])
+    for layer in want:
+        np.testing.assert_allclose(mapped[0][layer], decoded[layer], rtol=REL, atol=0)
+        np.testing.assert_allclose(mapped[0][layer], want[layer], rtol=REL, atol=0)
+
+
 @pytest.mark.parametrize("name", ["gptq-4b-g32-asym-v1", "pq-4b-g128-asym", "nvfp4-modelopt",
                                   "int8-channel-asym", "fp8-ct-block-48x96"])
 def test_scales_and_zero_points_matter(quant_checkpoint, name):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,3 +36,17 @@ def test_cpu_smoke_runs_the_fidelity_check(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["ok"] for r in rows] == [True, True]
     assert "pruned vs stock vLLM on the sliced checkpoint" in rows[0]["check"]
+
+
+def test_gpu_scoring_step_table(tiny_checkpoint, capsys):
+    """Step 0's table rows (GPU scoring throughput, GPU vs CPU scores), run with the CPU
+    in place of the GPU: no CUDA here, so this checks the step's plumbing, not a GPU."""
+    from benchmarks.gpu_check import Table, gpu_scoring
+
+    table = Table()
+    model = tiny_checkpoint("qwen3_moe", dtype=torch.bfloat16)
+    gpu_scoring(table, model, device="cpu")
+    assert [r["check"] for r in table.rows] == [
+        f"{model.name}: GPU scoring throughput (warm page cache)",
+        f"{model.name}: GPU scores vs CPU scores, max relative difference"]
+    assert "GB/s" in table.rows[0]["measured"] and table.rows[1]["ok"] is True

@@ -247,3 +247,104 @@ def test_score_precision_on_a_default_sized_chunk():
     parts = [torch.randn(512, 1024, generator=g) * 0.02 for _ in range(3)]
     want = aimer_numpy(np.concatenate([p.double().numpy().ravel() for p in parts]))
     assert aimer_score_of(parts) == pytest.approx(want, rel=REL)
+
+
+# --------------------------------------------------------------------------- threads, kernel
+
+LAYOUTS = [{}, {"dtype": torch.bfloat16}, {"dtype": torch.float16}, {"fused": True},
+           {"dtype": torch.bfloat16, "max_shard_size": "1MB"}]
+LAYOUT_IDS = ["f32", "bf16", "f16", "fused", "bf16-sharded"]
+
+
+@pytest.mark.parametrize("kwargs", LAYOUTS, ids=LAYOUT_IDS)
+def test_scores_are_identical_for_any_thread_count(tiny_checkpoint, kwargs):
+    """Each projection's sums are computed on their own and merged in a fixed order, so
+    the thread count changes nothing, not even the last bit (small chunks: many pieces
+    per tensor, finished in a different order by each pool)."""
+    model = tiny_checkpoint("qwen3_moe", **kwargs)
+    runs = [package_scores(model, threads=n, chunk_elements=999) for n in (1, 2, 8)]
+    assert [r.threads for r in runs] == [1, 2, 8]
+    assert runs[0].scores == runs[1].scores == runs[2].scores
+    assert runs[0].magnitudes == runs[1].magnitudes == runs[2].magnitudes
+    assert_scores_close(runs[2].scores, reference_scores(model))
+    # The default (one thread per CPU, at least 4) gives the same scores too.
+    assert package_scores(model, chunk_elements=999).scores == runs[0].scores
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded toward zero to bfloat16, as the stored uint16 bits."""
+    return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+@pytest.mark.parametrize("n", [1, 2, 255, 256, 257, 1023, 4097])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_float_sums_of_every_plain_dtype_match_float64(n, offset):
+    """The kernel on odd lengths (the last bf16 value on its own), chunks that are not
+    whole runs of 256, and views that start at an odd element (unaligned for the uint32
+    view of bf16 pairs), against float64 sums from the definition. Each sum within
+    5e-7 relative keeps the score within 1e-6 (score error <= err(|w|) + err(w^2) / 2);
+    float32 runs of 256 measure up to ~1e-7 here (outliers dominate every 7th value)."""
+    from vllm_aimer.encodings.reduce import float_sums
+
+    g = np.random.default_rng(n + offset)
+    x = (g.standard_normal(n + offset) * 0.02).astype(np.float64)
+    x[::7] *= -30.0
+    for dtype, stored, values in [
+            ("F32", x.astype(np.float32), x.astype(np.float32).astype(np.float64)),
+            ("F16", x.astype(np.float16), x.astype(np.float16).astype(np.float64)),
+            ("F64", x, x),
+            ("BF16", _bf16_bits(x),
+             (_bf16_bits(x).astype(np.uint32) << 16).view(np.float32).astype(np.float64))]:
+        a, q = float_sums(stored[offset:], dtype)
+        v = values[offset:]
+        assert a == pytest.approx(np.abs(v).sum(), rel=5e-7), dtype
+        assert q == pytest.approx((v * v).sum(), rel=5e-7), dtype
+
+
+def test_scoring_device_on_a_machine_without_a_gpu():
+    """Here there is no GPU: auto stays on the CPU and says why; asking for cuda is an
+    error that names the fix, not a silent fallback."""
+    from vllm_aimer.errors import AimerError
+    from vllm_aimer.scoring import scoring_device
+
+    assert scoring_device("cpu") == ("cpu", "CPU requested")
+    device, why = scoring_device("auto")
+    assert device == "cpu" and ("no CUDA device" in why or "torch is not loaded" in why)
+    if not torch.cuda.is_available():
+        for requested in ("cuda", "cuda:0"):
+            with pytest.raises(AimerError, match="no CUDA device"):
+                scoring_device(requested)
+    with pytest.raises(AimerError, match="not one of"):
+        scoring_device("tpu")
+
+
+@pytest.mark.parametrize("kwargs", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("buffer_bytes", [1000, 1 << 20])
+def test_gpu_packing_gives_the_definition(tiny_checkpoint, kwargs, buffer_bytes):
+    """The GPU path's packing (projections padded to runs of 256 in a staging buffer,
+    split across buffers when larger, per-run sums added per projection) run with
+    device "cpu": the same code and arithmetic, without pinned memory and CUDA streams,
+    which only a GPU machine exercises (benchmarks/device_scoring.py checks them there
+    against the CPU scores)."""
+    from vllm_aimer.gpu_scoring import device_sums
+    from vllm_aimer.scoring import aimer_score
+    from vllm_aimer.shards import Shards
+
+    model = tiny_checkpoint("qwen3_moe", **kwargs)
+    ckpt = open_checkpoint(model)
+    layout = expert_layout(ckpt)
+    items = [(st, layout.num_experts) for layer in layout.layers for st in layout.scored[layer]]
+    shards = Shards(ckpt)
+    try:
+        parts = device_sums(shards, items, "cpu", threads=2, buffer_bytes=buffer_bytes)
+    finally:
+        shards.close()
+    totals = {layer: [[0.0, 0.0, 0] for _ in range(layout.num_experts)] for layer in layout.layers}
+    for (st, _), part in zip(items, parts):
+        layer = next(layer for layer in layout.layers if st in layout.scored[layer])
+        slots = range(layout.num_experts) if st.expert is None else [st.expert]
+        for e, s in zip(slots, part):
+            t = totals[layer][e]
+            t[0], t[1], t[2] = t[0] + s.abs_sum, t[1] + s.sq_sum, t[2] + s.numel
+    got = {layer: [aimer_score(*t) for t in ts] for layer, ts in totals.items()}
+    assert_scores_close(got, reference_scores(model))

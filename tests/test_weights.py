@@ -222,3 +222,26 @@ def test_checkpoint_order_is_kept(tiny_checkpoint):
             n = n.replace(f".experts.{m['expert']}.", f".experts.{old}.")
         files.append(index_file[n])
     assert files == sorted(files, key=shard_names(model).index)
+
+
+@pytest.mark.parametrize("family, kwargs", [
+    ("qwen3_moe", {"dtype": torch.bfloat16, "max_shard_size": "1MB"}),
+    ("qwen2_moe", {"fused": True}),
+], ids=["qwen3_moe-bf16-sharded", "qwen2_moe-fused"])
+@pytest.mark.parametrize("threads", [2, 8])
+def test_threaded_stream_equals_the_sequential_one(tiny_checkpoint, family, kwargs, threads):
+    """vLLM's enable_multithread_load / num_threads: reader threads ahead of the stream,
+    the same tensors in the same order, the same bytes read and skipped, no pruned
+    expert read, and a skip callback still applied."""
+    model = tiny_checkpoint(family, **kwargs)
+    ckpt, layout, plan = scored_plan(model)
+    sequential = PrunedWeights(ckpt, layout, plan)
+    threaded = PrunedWeights(ckpt, layout, plan)
+    want = list(sequential.iterate())
+    got = list(threaded.iterate(threads=threads))
+    assert [n for n, _ in got] == [n for n, _ in want]
+    assert_same_tensors(dict(got), reference_slice(model, pruned_ids(plan), 16))
+    assert threaded.stats == sequential.stats
+    odd = lambda name: (m := NEW_ID_RE.search(name)) is not None and int(m[1]) % 2 == 1  # noqa: E731
+    assert ([n for n, _ in PrunedWeights(ckpt, layout, plan).iterate(odd, threads=threads)]
+            == [n for n, _ in PrunedWeights(ckpt, layout, plan).iterate(odd)])

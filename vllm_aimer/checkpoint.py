@@ -17,8 +17,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-
 from vllm_aimer.dtypes import dtype_bits, tensor_bytes
 from vllm_aimer.errors import AimerError
 
@@ -35,6 +33,8 @@ class TensorInfo:
     file: str
     dtype: str
     shape: tuple[int, ...]
+    offset: int = -1
+    """Byte offset of the tensor's data in its file (-1: not known, e.g. built by hand)."""
 
     @property
     def numel(self) -> int:
@@ -85,6 +85,52 @@ def _read_header(path: Path) -> bytes:
         raise AimerError(f"{path} is truncated (incomplete header).",
                          "re-download or re-copy the checkpoint.")
     return raw_len + header
+
+
+def _tensors_of_shard(path: Path, file: str, header: bytes) -> dict[str, TensorInfo]:
+    """The tensors a shard's header lists, with their file offsets, checked as safetensors
+    checks them (each tensor's bytes match its dtype and shape, the data section is
+    covered exactly and present on disk). Parsed here rather than with safe_open,
+    which would import torch (seconds) for headers alone."""
+    def unreadable(why: str) -> AimerError:
+        return AimerError(f"shard {path} is unreadable or truncated ({why}).",
+                          "re-download or re-copy this shard.")
+
+    try:
+        entries = json.loads(header[8:])
+    except ValueError as e:
+        raise unreadable(f"invalid header: {e}") from None
+    if not isinstance(entries, dict):
+        raise unreadable("the header is not a JSON object")
+    data_start = len(header)
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name in sorted(entries):  # safe_open's order, which callers have relied on
+        if name == "__metadata__":
+            continue
+        entry = entries[name]
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(d) for d in shape)
+            begin, end = int(begin), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise unreadable(f"malformed header entry for {name}") from None
+        dtype_bits(dtype, name)  # an unknown dtype fails here, not later
+        info = TensorInfo(name, file, dtype, shape, data_start + begin)
+        if begin < 0 or end - begin != info.nbytes:
+            raise unreadable(f"tensor {name} spans bytes {begin}..{end}, but {dtype} "
+                             f"{list(shape)} takes {info.nbytes}")
+        tensors[name] = info
+        spans.append((begin, end, name))
+    covered = 0
+    for begin, end, name in sorted(spans):
+        if begin != covered:
+            raise unreadable(f"tensor {name} starts at data byte {begin}, expected {covered}")
+        covered = end
+    if data_start + covered > path.stat().st_size:
+        raise unreadable(f"the header promises {data_start + covered} bytes, the file has "
+                         f"{path.stat().st_size}: truncated")
+    return tensors
 
 
 SAMPLE_BYTES = 1 << 16
@@ -161,17 +207,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         digest.update(file.encode())
         header = _read_header(shard)
         digest.update(header)
-        try:
-            # safe_open checks that the data section covers every tensor.
-            with safe_open(shard, framework="pt") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    dtype = sl.get_dtype()
-                    dtype_bits(dtype, name)  # an unknown dtype fails here, not later
-                    tensors[name] = TensorInfo(name, file, dtype, tuple(sl.get_shape()))
-        except SafetensorError as e:
-            raise AimerError(f"shard {shard} is unreadable or truncated ({e}).",
-                             "re-download or re-copy this shard.") from None
+        tensors.update(_tensors_of_shard(shard, file, header))
         digest.update(_data_sample(shard, len(header)))
     return Checkpoint(directory, config, tuple(files), tensors, digest.hexdigest(),
                       hf_quant_config)

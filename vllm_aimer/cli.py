@@ -11,15 +11,15 @@ from pathlib import Path
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import ExpertLayout, expert_layout
-from vllm_aimer.export import PROVENANCE_DIR, PROVENANCE_FILE, read_provenance
 from vllm_aimer.outputs import atomic_write_text, ensure_writable_dir, write_plan_outputs
 from vllm_aimer.constraints import (Deployment, Gpu, Router, allowed_ratios, check_ratio,
                                    prune_count, ratio_text)
 from vllm_aimer.plan import Plan, make_plan
+from vllm_aimer.provenance import PROVENANCE_DIR, PROVENANCE_FILE, read_provenance
 from vllm_aimer.plan_formats import (FORMATS, WRITABLE_FORMATS, ascend_ratio, file_format,
                                      read_plan_file, write_plan_as)
 from vllm_aimer.report import human_bytes
-from vllm_aimer.scoring import score_checkpoint
+from vllm_aimer.scoring import DEVICES, score_checkpoint, scoring_device
 
 
 def _router(layout: ExpertLayout) -> Router:
@@ -66,8 +66,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     layout = expert_layout(ckpt)
     prune_count(len(layout.layers), _router(layout), args.ratio)
     out = ensure_writable_dir(args.output, "output")
+    threads = _threads_arg(args.threads)
+    device, _ = scoring_device(args.device)
     # Random reads no weights, unless the plot needs the weight-based scores.
-    result = (score_checkpoint(ckpt, layout, progress=not args.quiet)
+    result = (score_checkpoint(ckpt, layout, progress=not args.quiet, threads=threads,
+                               device=device)
               if criterion != "random" or args.plot else None)
     scores = criterion_scores(criterion, ckpt, layout, args.seed, result)
     plan = make_plan(layout, scores, args.ratio, ckpt.fingerprint, criterion)
@@ -75,7 +78,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     _print_plan(plan, _layout_facts(layout, ckpt.fingerprint)["routed_expert_bytes"])
     if result is not None:
         print(f"scored {human_bytes(result.bytes_read)} of expert weights in "
-              f"{result.seconds:.2f} s")
+              f"{result.seconds:.2f} s ({human_bytes(result.bytes_per_second)}/s, "
+              f"{result.where()})")
     if args.plot:
         from vllm_aimer.plots import panel_from_plan, save_png, scores_figure
 
@@ -163,6 +167,19 @@ def cmd_plan_convert(args: argparse.Namespace) -> int:
               f"(it keeps int({plan.num_experts} x (1 - ratio)) = {plan.kept_per_layer} experts "
               "per layer)", file=sys.stderr)
     return 0
+
+
+def _threads_arg(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise AimerError(f"--threads must be a positive integer, got {value!r}.",
+                         "pass e.g. --threads 8, or leave it out (one per CPU, at least 4).")
+    return threads
 
 
 def _ratio_arg(value: str | None) -> float | None:
@@ -305,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     p.add_argument("--plot", action="store_true",
                    help="also write scores.png: AIMER and magnitude heatmaps side by side")
+    p.add_argument("--threads", help="CPU threads reducing the weights (default: one per "
+                                      "CPU, at least 4; scores do not depend on it)")
+    p.add_argument("--device", default="cpu", choices=DEVICES,
+                   help="where plain float weights are reduced: cpu (default), cuda (a GPU; "
+                        "imports torch, a few seconds), or auto (cuda only if torch is loaded "
+                        "already, i.e. never from this command)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_score)
 

@@ -39,6 +39,7 @@ from vllm_aimer.outputs import write_plan_outputs
 from vllm_aimer.constraints import Router, check_prune_count, check_ratio, prune_count
 from vllm_aimer.plan import Plan, identity_plan, make_plan, with_mtp_layers
 from vllm_aimer.plan_formats import FORMATS, file_format, read_plan_file
+from vllm_aimer.provenance import PROVENANCE_DIR, PROVENANCE_FILE, read_provenance
 from vllm_aimer.scoring import score_checkpoint
 from vllm_aimer.weights import PlanMap, PrunedWeights
 
@@ -46,9 +47,6 @@ __all__ = ["export_checkpoint", "parse_size", "check_output_dir", "read_provenan
            "ExportResult", "PROVENANCE_DIR", "PROVENANCE_FILE"]
 
 EXPORT_FORMAT = "vllm-aimer.export/v1"
-PROVENANCE_DIR = "vllm-aimer"
-"""Subdirectory of an export holding provenance.json and the plan files."""
-PROVENANCE_FILE = "provenance.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 READ_WINDOW = 256 << 20
 """Bytes read from a source shard before it is reopened (see PrunedWeights.iterate)."""
@@ -289,15 +287,6 @@ def _copy_side_files(source: Path, dest: Path) -> list[str]:
         shutil.copy2(path, dest / rel)
         copied.append(rel.as_posix())
     return copied
-
-
-def read_provenance(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The provenance note of an export, or None for any other checkpoint."""
-    path = Path(directory) / PROVENANCE_DIR / PROVENANCE_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # --------------------------------------------------------------------------- export

@@ -41,7 +41,7 @@ from vllm_aimer.plan import Plan, conform, identity_plan, make_plan, with_mtp_la
 from vllm_aimer.plan_formats import read_plan_file
 from vllm_aimer.plan_cache import cached_plan, default_cache_dir
 from vllm_aimer.report import PruningReport, human_bytes, rank as _rank, write_error, write_report
-from vllm_aimer.scoring import score_checkpoint
+from vllm_aimer.scoring import ScoringResult, score_checkpoint, scoring_device
 from vllm_aimer.weights import PlanMap, PrunedWeights
 
 logger = init_logger("vllm.aimer")
@@ -51,8 +51,8 @@ LOAD_FORMAT = "aimer"
 # `load_weights` (vllm/distributed/weight_transfer/{nccl,ipc}_engine.py), where the
 # plan is applied; the others may write into parameters directly.
 PLAN_AWARE_TRANSFER_BACKENDS = ("nccl", "ipc")
-# A conservative reading speed for the start-up estimate: scoring ran at 0.76 GB/s
-# (float32, cold page cache) on a 2-core machine here (benchmarks/results/scoring.json).
+# A conservative reading speed for the start-up estimate: scoring read 1.1-2.3 GB/s
+# from a cold page cache on a shared 2-core machine here (benchmarks/results/scoring.json).
 ESTIMATE_BYTES_PER_S = 0.5e9
 
 # Plans this process used, by checkpoint fingerprint: a draft model that shares the
@@ -159,7 +159,7 @@ class AimerModelLoader(DefaultModelLoader):
                         "add the MTP layers' pruned ids to the plan (same count as the "
                         "other layers).")
                 _log_estimate(layout, layout.mtp_layers, ckpt)
-                result = score_checkpoint(ckpt, layout, layers=layout.mtp_layers)
+                result = self._score(ckpt, layout, layout.mtp_layers)
                 plan, seconds = with_mtp_layers(plan, layout, result.scores), result.seconds
             return plan, "plan_file", seconds
         ratio = self.options.prune_ratio or 0.0
@@ -174,11 +174,8 @@ class AimerModelLoader(DefaultModelLoader):
         def score() -> Plan:
             nonlocal seconds
             _log_estimate(layout, layout.all_layers, ckpt)
-            result = score_checkpoint(ckpt, layout)
+            result = self._score(ckpt, layout, layout.all_layers)
             seconds = result.seconds
-            logger.info("vllm-aimer: scored %s of expert weights in %.2f s (%s/s)",
-                        human_bytes(result.bytes_read), result.seconds,
-                        human_bytes(result.bytes_read / max(result.seconds, 1e-9)))
             return make_plan(layout, result.scores, ratio, ckpt.fingerprint)
 
         cache = self.options.plan_cache
@@ -195,6 +192,27 @@ class AimerModelLoader(DefaultModelLoader):
             plan = conform(plan, layout, f"cached plan in {cache_dir}")
         return plan, ("cache" if hit else "score"), seconds
 
+    def _score(self, ckpt: Checkpoint, layout: ExpertLayout,
+               layers: Iterable[int]) -> ScoringResult:
+        """Score `layers`, before vLLM allocates the model: on this worker's GPU when it
+        has one (scoring_device auto), else on the CPU's threads."""
+        device, why = scoring_device(self.options.scoring_device)
+        if device == "cpu":
+            logger.info("vllm-aimer: scoring on the CPU (GPU scoring skipped: %s)", why)
+        result = score_checkpoint(ckpt, layout, layers=layers, device=device)
+        logger.info("vllm-aimer: scored %s of expert weights in %.2f s (%s/s, %s)",
+                    human_bytes(result.bytes_read), result.seconds,
+                    human_bytes(result.bytes_per_second), result.where())
+        return result
+
+    def _load_threads(self) -> int:
+        """Reader threads for the pruned stream: vLLM's enable_multithread_load and
+        num_threads, as its DefaultModelLoader applies them (default 8 threads)."""
+        parent = self.options.parent
+        if not parent.get("enable_multithread_load"):
+            return 1
+        return int(parent.get("num_threads") or self.DEFAULT_NUM_THREADS)
+
     def get_all_weights(self, model_config: ModelConfig,
                         model: nn.Module) -> Generator[tuple[str, torch.Tensor], None, None]:
         if self._weights is None:
@@ -206,7 +224,11 @@ class AimerModelLoader(DefaultModelLoader):
         skip = (lambda name: should_skip_weight(name, local)) if local is not None else None
         if self.counter_before_loading_weights == 0.0:
             self.counter_before_loading_weights = time.perf_counter()
-        yield from self._weights.iterate(skip)
+        threads = self._load_threads()
+        if threads > 1:
+            logger.info("vllm-aimer: reading the pruned checkpoint with %d threads "
+                        "(enable_multithread_load)", threads)
+        yield from self._weights.iterate(skip, threads=threads)
         for source in getattr(model, "secondary_weights", ()):
             yield from self._get_weights_iterator(source)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from vllm_aimer.errors import AimerError
 from vllm_aimer.constraints import check_ratio
 
-AIMER_KEYS: tuple[str, ...] = ("prune_ratio", "plan", "plan_out", "plan_cache")
+AIMER_KEYS: tuple[str, ...] = ("prune_ratio", "plan", "plan_out", "plan_cache", "scoring_device")
 # Keys vLLM's DefaultModelLoader understands; passed through to it unchanged.
 PARENT_KEYS: tuple[str, ...] = ("enable_multithread_load", "num_threads", "enable_weights_track")
 EXAMPLE = '\'{"prune_ratio": 0.5}\' or \'{"plan": "plan/pruned_experts.json"}\''
@@ -25,6 +26,9 @@ class AimerOptions:
     """A directory, True for the default (~/.cache/vllm-aimer/plans), False for none."""
     parent: dict[str, Any] = field(default_factory=dict)
     """The remaining keys, for vLLM's own loader."""
+    scoring_device: str = "auto"
+    """Where plain float experts are reduced: auto (the worker's GPU when there is one),
+    cpu, cuda or cuda:N."""
 
 
 def parse_options(extra: Mapping[str, Any] | str | None) -> AimerOptions:
@@ -63,5 +67,9 @@ def parse_options(extra: Mapping[str, Any] | str | None) -> AimerOptions:
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise AimerError(f"{key} must be a non-empty path string, got {value!r}.",
                              f'pass e.g. "{key}": "/path/to/dir-or-file".')
+    device = extra.get("scoring_device", "auto")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise AimerError(f"scoring_device must be auto, cpu, cuda or cuda:N, got {device!r}.",
+                         'pass e.g. "scoring_device": "cpu" (auto uses the GPU when there is one).')
     parent = {k: v for k, v in extra.items() if k in PARENT_KEYS}
-    return AimerOptions(ratio, plan, plan_out, plan_cache, parent)
+    return AimerOptions(ratio, plan, plan_out, plan_cache, parent, device)

@@ -14,13 +14,16 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from vllm_aimer.layout import ExpertLayout
 from vllm_aimer.outputs import atomic_write_text
 from vllm_aimer.plan import Plan
-from vllm_aimer.weights import LoadStats
+
+if TYPE_CHECKING:  # weights.py needs torch, which the CLI does not import
+    from vllm_aimer.weights import LoadStats
 
 STATE_DIR_ENV = "AIMER_STATE_DIR"
 TRACE_READS_ENV = "AIMER_TRACE_READS"

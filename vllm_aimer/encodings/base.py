@@ -11,14 +11,16 @@ values (the same arithmetic as dequantizing first, in float64).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from vllm_aimer.lazy import torch
 
 from vllm_aimer.checkpoint import Checkpoint, TensorInfo
+from vllm_aimer.encodings.reduce import float_sums, storage_view
 from vllm_aimer.errors import AimerError
 
 CHUNK_ELEMENTS = 1 << 20
@@ -162,14 +164,13 @@ class Sums:
     sq_sum: float = 0.0
     numel: int = 0
 
-    def add(self, chunk: torch.Tensor) -> None:
-        """Plain values: float32 runs of 256, float64 across runs (see `sum64`)."""
-        x = chunk.reshape(-1)
-        if x.dtype != torch.float32:
-            x = x.to(torch.float32)
-        self.abs_sum += sum64(x.abs())
-        self.sq_sum += sum64(x * x)
-        self.numel += x.numel()
+    def add(self, values: Any) -> None:
+        """Plain values (a numpy array or torch tensor), in bounded chunks: float32 runs
+        of 256, float64 across runs (see `reduce`)."""
+        flat, dtype = storage_view(values)
+        for start in range(0, flat.size, CHUNK_ELEMENTS):
+            self.add_totals(*float_sums(flat[start:start + CHUNK_ELEMENTS], dtype), 0)
+        self.numel += flat.size
 
     def add_totals(self, abs_sum: float, sq_sum: float, numel: int) -> None:
         self.abs_sum += abs_sum
@@ -177,23 +178,14 @@ class Sums:
         self.numel += numel
 
 
-_PARTIAL = 256
-
-
-def sum64(v: torch.Tensor) -> float:
-    """Sum in float32 runs of 256, then in float64 across runs: as accurate as a
-    float64 sum here (~1e-10 relative) at float32 speed (7x faster than upcasting the
-    chunk). Plain float32 sums, torch.dot and vector_norm drift by up to ~1e-5."""
-    whole = v.numel() - v.numel() % _PARTIAL
-    total = float(v[:whole].view(-1, _PARTIAL).sum(1).to(torch.float64).sum())
-    return total + float(v[whole:].to(torch.float64).sum())
-
-
 class Scorer:
     """Adds one projection's sums to its expert (or, fused, to every expert)."""
 
     reads: tuple[TensorInfo, ...] = ()
     """Every tensor read while scoring (for byte accounting)."""
+    threaded: bool = False
+    """Whether `add` may run in a worker thread: it reads only through the shards'
+    memory maps (`f.array`) and touches only the `accs` it is given."""
 
     def add(self, f: Any, accs: Sequence[Sums], chunk_elements: int) -> None:
         raise NotImplementedError
@@ -369,12 +361,18 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 # FP4 (E2M1) code points; a byte holds two, low nibble first (OCP MX and NVFP4 alike).
-FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-                           -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=torch.float64)
-_BYTES = torch.arange(256)
-FP4_BYTE_ABS = (FP4_VALUES[_BYTES & 0xF].abs() + FP4_VALUES[_BYTES >> 4].abs()).float()
-"""Per byte: the sum of |v| over its two FP4 values (exact in float32)."""
-FP4_BYTE_SQ = (FP4_VALUES[_BYTES & 0xF] ** 2 + FP4_VALUES[_BYTES >> 4] ** 2).float()
+FP4_CODES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+             -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+@functools.cache
+def fp4_byte_sums() -> tuple[torch.Tensor, torch.Tensor]:
+    """Per byte: the sum of |v| and of v^2 over its two FP4 values (exact in float32);
+    built on first use, so that importing the encodings does not import torch."""
+    values = torch.tensor(FP4_CODES, dtype=torch.float64)
+    b = torch.arange(256)
+    lo, hi = values[b & 0xF], values[b >> 4]
+    return (lo.abs() + hi.abs()).float(), (lo ** 2 + hi ** 2).float()
 
 
 def add_fp4_groups(acc: Sums, packed: torch.Tensor, scale: torch.Tensor) -> None:
@@ -382,8 +380,9 @@ def add_fp4_groups(acc: Sums, packed: torch.Tensor, scale: torch.Tensor) -> None
     [rows, groups]: per group sum|v| x |s| and sum v^2 x s^2 (group sums of at most 16
     bytes are exact in float32)."""
     idx = packed.to(torch.long)
-    a = torch.take(FP4_BYTE_ABS, idx).sum(-1).to(torch.float64)
-    q = torch.take(FP4_BYTE_SQ, idx).sum(-1).to(torch.float64)
+    byte_abs, byte_sq = fp4_byte_sums()
+    a = torch.take(byte_abs, idx).sum(-1).to(torch.float64)
+    q = torch.take(byte_sq, idx).sum(-1).to(torch.float64)
     acc.add_totals(float((a * scale.abs()).sum()), float((q * scale * scale).sum()),
                    packed.numel() * 2)
 

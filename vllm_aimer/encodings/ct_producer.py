@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+from vllm_aimer.lazy import torch
 
 
 def _min_max(w: torch.Tensor, args: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+from vllm_aimer.lazy import torch
 
 from vllm_aimer.encodings.base import (Encoding, GroupBuckets, MatrixScorer, Projection,
                                        QuantConfig, Sums, ceil_div, f64, has, only, refuse,

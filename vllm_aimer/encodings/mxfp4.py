@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+from vllm_aimer.lazy import torch
 
 from vllm_aimer.encodings.base import (Encoding, MatrixScorer, Projection, QuantConfig, Sums,
                                        add_fp4_groups, ct_scheme, has, only, refuse, row_spans)
@@ -87,7 +87,7 @@ ENCODING = Encoding(
     suffixes=SUFFIXES, fused_suffixes=FUSED_SUFFIXES, matches=_matches, scorer=_scorer)
 
 
-_FP4_POSITIVE = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_FP4_POSITIVE = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def encode_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +98,7 @@ def encode_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # The smallest power of two that brings the group's largest value within 6.
     exp = torch.ceil(torch.log2(amax / 6.0))
     scaled = groups / torch.exp2(exp)[..., None]
-    code = (scaled.abs()[..., None] - _FP4_POSITIVE).abs().argmin(-1)
+    code = (scaled.abs()[..., None] - torch.tensor(_FP4_POSITIVE)).abs().argmin(-1)
     code = code | ((scaled < 0) & (code > 0)).to(torch.long) << 3
     packed = (code[..., 0::2] | code[..., 1::2] << 4).to(torch.uint8)
     return packed.contiguous(), (exp + 127).to(torch.uint8).contiguous()

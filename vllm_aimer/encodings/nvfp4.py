@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+from vllm_aimer.lazy import torch
 
 from vllm_aimer.encodings.base import (Encoding, MatrixScorer, Projection, QuantConfig, Sums,
                                        add_fp4_groups, ct_scheme, f64, has, modelopt_algo,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+from vllm_aimer.lazy import torch
 
 from vllm_aimer.encodings.base import (Encoding, MatrixScorer, Projection, QuantConfig, Sums,
                                        abs_sq_sums, ceil_div, codes_u8, col_group_sums,
@@ -133,10 +133,14 @@ def ct_weights_args(bits: int = 4, group: int | None = 128, symmetric: bool = Tr
 
 
 def encode(w: torch.Tensor, bits: int = 4, group: int | None = 128, symmetric: bool = True,
-           g_idx: torch.Tensor | None = None, scale_dtype: torch.dtype | None = torch.bfloat16
+           g_idx: torch.Tensor | None = None, scale_dtype: torch.dtype | str | None = "bfloat16"
            ) -> dict[str, torch.Tensor]:
-    """Packed by the `compressed-tensors` package (pack_to_int32 and its qparams)."""
+    """Packed by the `compressed-tensors` package (pack_to_int32 and its qparams);
+    `scale_dtype` a torch dtype or its name."""
     from vllm_aimer.encodings.ct_producer import ct_compress
+
+    if isinstance(scale_dtype, str):
+        scale_dtype = getattr(torch, scale_dtype)
 
     args = ct_weights_args(bits, group, symmetric, "group" if g_idx is not None else None)
     return ct_compress(w, args, "pack-quantized", scale_dtype, g_idx)

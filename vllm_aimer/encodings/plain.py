@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from vllm_aimer.lazy import torch
 
 from vllm_aimer.dtypes import FLOAT_DTYPES
-from vllm_aimer.encodings.base import (Encoding, Projection, QuantConfig, Scorer, Sums,
-                                       only, row_spans)
+from vllm_aimer.encodings.base import Encoding, Projection, QuantConfig, Scorer, Sums, only
+from vllm_aimer.encodings.reduce import float_sums
 
 SUFFIXES = frozenset({"weight", "bias"})
 FUSED_SUFFIXES = frozenset({"", "_bias"})
@@ -21,8 +21,12 @@ def _matches(quant: QuantConfig, proj: Projection) -> bool:
 
 
 class PlainScorer(Scorer):
-    """Rows of the weight in chunks, summed as they are (float32 runs, float64 totals);
-    a fused tensor expert by expert (dim 0)."""
+    """The weight's bytes straight from the shard's memory map, in chunks of
+    `chunk_elements` (see `reduce.float_sums`); a fused tensor expert by expert (dim 0).
+    Each chunk's pages are let go once summed, so resident memory stays at a few
+    chunks per thread however large the tensor."""
+
+    threaded = True
 
     def __init__(self, proj: Projection) -> None:
         self.info = proj.tensors["" if proj.fused else "weight"]
@@ -30,22 +34,16 @@ class PlainScorer(Scorer):
         self.reads = (self.info,)
 
     def add(self, f: Any, accs: list[Sums], chunk_elements: int) -> None:
-        sl = f.get_slice(self.info.name)
-        shape = self.info.shape
-        if not self.fused:
-            row_numel = self.info.numel // max(1, shape[0])
-            for rows in row_spans(shape[0], row_numel, chunk_elements):
-                accs[0].add(sl[rows])
-            return
-        if len(shape) == 1:
-            for expert, acc in enumerate(accs):
-                acc.add(sl[expert:expert + 1])
-            return
-        inner = shape[1]
-        row_numel = self.info.numel // max(1, shape[0] * inner)
+        values = f.array(self.info)
+        size = values.itemsize
+        per = values.size // len(accs) if self.fused else values.size
+        step = max(1, chunk_elements)
         for expert, acc in enumerate(accs):
-            for rows in row_spans(inner, row_numel, chunk_elements):
-                acc.add(sl[expert, rows])
+            first = expert * per
+            for start in range(first, first + per, step):
+                stop = min(first + per, start + step)
+                acc.add_totals(*float_sums(values[start:stop], self.info.dtype), stop - start)
+                f.release(self.info, start * size, stop * size)
 
 
 def _scorer(quant: QuantConfig, proj: Projection) -> Scorer:
@@ -57,6 +55,6 @@ ENCODING = Encoding(
     suffixes=SUFFIXES, fused_suffixes=FUSED_SUFFIXES, matches=_matches, scorer=_scorer)
 
 
-def encode(w: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """A weight [out, in] as stored: `weight` in `dtype`."""
-    return {"weight": w.to(dtype).contiguous()}
+def encode(w: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A weight [out, in] as stored: `weight` in `dtype` (default bfloat16)."""
+    return {"weight": w.to(dtype or torch.bfloat16).contiguous()}

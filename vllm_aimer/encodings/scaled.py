@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from vllm_aimer.lazy import torch
 
 from vllm_aimer.encodings.base import Projection, ceil_div, refuse
 

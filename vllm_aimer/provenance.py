@@ -1,0 +1,22 @@
+"""Where an export records where it came from (read by `inspect`, written by `export`);
+its own module so that reading it needs neither torch nor the exporter."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+PROVENANCE_DIR = "vllm-aimer"
+"""Subdirectory of an export holding provenance.json and the plan files."""
+PROVENANCE_FILE = "provenance.json"
+
+
+def read_provenance(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The provenance note of an export, or None for any other checkpoint."""
+    path = Path(directory) / PROVENANCE_DIR / PROVENANCE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
