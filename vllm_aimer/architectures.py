@@ -190,6 +190,18 @@ _DEEPSEEK = Architecture(
     latent_kv_keys=("kv_lora_rank", "qk_rope_head_dim"),
 )
 
+_MIXTRAL = Architecture(
+    family="mixtral",
+    model_types=("mixtral",),
+    expert_count_keys=("num_local_experts", "num_experts"),
+    top_k_keys=("num_experts_per_tok",),
+    moe_block=r"layers\.(?P<layer>\d+)\.block_sparse_moe",
+    projections={"w1": "gate", "w3": "up", "w2": "down"},
+    fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+    moe_intermediate_keys=("intermediate_size",),
+    attention_bias_keys=(),
+)
+
 # Qwen3-Next (qwen3_next.py, qwen3_next_mtp.py): per-expert
 # `model.layers.N.mlp.experts.{j}.{gate,up,down}_proj` (or fused), router `mlp.gate.weight`,
 # a shared expert and its gate untouched; the MTP drafter's layers are `mtp.layers.{i}.*`
@@ -248,17 +260,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         moe_intermediate_keys=("intermediate_size",),
         qk_norm="full",
     ),
-    Architecture(
-        family="mixtral",
-        model_types=("mixtral",),
-        expert_count_keys=("num_local_experts", "num_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        moe_block=r"layers\.(?P<layer>\d+)\.block_sparse_moe",
-        projections={"w1": "gate", "w3": "up", "w2": "down"},
-        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
-        moe_intermediate_keys=("intermediate_size",),
-        attention_bias_keys=(),
-    ),
+    _MIXTRAL,
     Architecture(
         family="qwen2_moe",
         model_types=("qwen2_moe",),
@@ -279,24 +281,16 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # + `experts.down_proj`, FP8 releases store them per expert; MTP under `mtp.layers.{i}`.
     replace(_QWEN3_NEXT, family="qwen3_5_moe", model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
             moe_layer_step_keys=(), dense_layer_list_keys=()),
-    Architecture(
-        # MiniMax-M2 / M2.5 / M2.7 (minimax_m2.py): Mixtral names
-        # `block_sparse_moe.experts.{j}.w{1,3,2}`, router `block_sparse_moe.gate.weight`
-        # and `block_sparse_moe.e_score_correction_bias` [E]; MTP modules stored after
-        # the trunk at `layers.{num_hidden_layers + i}` (`num_mtp_modules`, dropped by
-        # vLLM's target model; pruned alike so a drafter would match).
-        family="minimax_m2",
-        model_types=("minimax_m2",),
-        expert_count_keys=("num_local_experts",),
-        top_k_keys=("num_experts_per_tok",),
-        moe_block=r"layers\.(?P<layer>\d+)\.block_sparse_moe",
-        projections={"w1": "gate", "w3": "up", "w2": "down"},
-        router_tensors={"gate.weight": 0, "e_score_correction_bias": 0},
-        mtp_layer_keys=("num_mtp_modules",),
-        moe_intermediate_keys=("intermediate_size",),
-        attention_bias_keys=(),
-        fit=False,  # partial rotary and q/k norms over all heads are not modelled
-    ),
+    # MiniMax-M2 / M2.5 / M2.7 (minimax_m2.py): Mixtral names
+    # `block_sparse_moe.experts.{j}.w{1,3,2}`, router `block_sparse_moe.gate.weight` and
+    # `block_sparse_moe.e_score_correction_bias` [E]; MTP modules stored after the trunk
+    # at `layers.{num_hidden_layers + i}` (`num_mtp_modules`, dropped by vLLM's target
+    # model; pruned alike so a drafter would match).
+    replace(_MIXTRAL, family="minimax_m2", model_types=("minimax_m2",),
+            expert_count_keys=("num_local_experts",), fused_projections={},
+            router_tensors={"gate.weight": 0, "e_score_correction_bias": 0},
+            mtp_layer_keys=("num_mtp_modules",),
+            fit=False),  # partial rotary and q/k norms over all heads are not modelled
     _DEEPSEEK,
     replace(_DEEPSEEK, family="glm4_moe", model_types=("glm4_moe",), latent_kv_keys=()),
     # DeepSeek-V3.2 (DSA): vLLM's CPU build serves it with DeepseekV3ForCausalLM and CUDA
