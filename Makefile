@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean train-demo-model demo-eval
+.PHONY: setup demo test test-fast clean train-demo-model demo-eval
 
 setup:
 	@bash scripts/setup-venv.sh
@@ -12,6 +12,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Everything that starts no vLLM engine or server (tests marked `engine` are left out):
+# the loop while changing code, a few minutes on 2 cores.
+test-fast: setup
+	$(PY) -m pytest -q -m "not engine" $(PYTEST_ARGS)
 
 clean:
 	rm -rf .demo .pytest_cache

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-GIB = 1 << 30
+from vllm_aimer.units import GIB  # no dependencies: fine without vLLM
+
 _BYTES = {"float32": 4, "bfloat16": 2}
 
 
@@ -158,7 +159,7 @@ def build_checkpoint(spec: ModelSpec, directory: Path, tokenizer: bool = True) -
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     (directory / "config.json").write_text(json.dumps(spec.config(), indent=1))
     if tokenizer:
-        from vllm_aimer.tiny import build_tokenizer
+        from vllm_aimer.testing.tiny import build_tokenizer
 
         build_tokenizer(directory, spec.vocab)
     marker.write_text(wanted)

@@ -14,13 +14,14 @@ import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from vllm_aimer.server import ServerProcess
+from vllm_aimer.testing.server import ServerProcess
+from vllm_aimer.units import human_bytes
 
 from benchmarks.checkpoints import (  # noqa: F401 (re-exported for the benchmarks)
     BF16, FULL, GIB, QUICK, QUICK_BF16, ModelSpec, build_checkpoint, evict_page_cache,
@@ -103,7 +104,8 @@ def write_result(out: Path, result: Result, context: dict[str, Any]) -> Path:
 
 
 def gib(n: float) -> str:
-    return f"{n / GIB:.3f} GiB"
+    """Bytes in GiB to 3 decimals (the package's formatter)."""
+    return human_bytes(n, "GiB", 3)
 
 
 # --------------------------------------------------------------------------- servers

@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vllm_aimer.units import human_bytes
+
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "benchmarks" / "work" / "gpu-check"
 RESULT = REPO / "benchmarks" / "results" / "gpu-check.json"
@@ -189,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
               "for the engine checks; only step 0 (GPU scoring) was run.", file=sys.stderr)
         _finish(table, args.out, started, {"mode": "gpu, no vLLM"})
         return 2
-    from vllm_aimer.tiny import quantize_experts_fp8
+    from vllm_aimer.testing.tiny import quantize_experts_fp8
 
     if args.cpu_smoke:
-        from vllm_aimer.tiny import build_tiny_moe
+        from vllm_aimer.testing.tiny import build_tiny_moe
 
         tiny = WORK / "tiny"
         if not (tiny / "config.json").is_file():
@@ -220,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     saved = dense["load_memory"][0] - pruned["load_memory"][0]
     want = FULL.expert_bytes // 2 // 2  # half the experts, in bf16 (2 of float32's 4 bytes)
     table.add("moe-3g: device memory for loading, dense - pruned (bf16)",
-              f"{saved / 2**30:.3f} GiB (dense {dense['load_memory'][0] / 2**30:.2f} GiB)",
-              f"pruned experts {want / 2**30:.3f} GiB +-{MEMORY_BOUND:.0%}",
+              f"{human_bytes(saved, 'GiB', 3)} (dense "
+              f"{human_bytes(dense['load_memory'][0], 'GiB')})",
+              f"pruned experts {human_bytes(want, 'GiB', 3)} +-{MEMORY_BOUND:.0%}",
               abs(saved - want) <= MEMORY_BOUND * want)
     table.add("moe-3g: time to ready, pruned / dense (first start, scoring included)",
               f"{pruned['ready_seconds'] / dense['ready_seconds']:.2f} "

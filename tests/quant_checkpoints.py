@@ -1,8 +1,8 @@
 """Tiny quantized MoE checkpoints for the format tests: config.json, routers, a few
 non-expert tensors and every routed expert's gate/up/down weights written by one
-encoder of vllm_aimer.encodings (which, for compressed-tensors formats, calls the
+encoder of vllm_aimer.testing.encoders (which, for compressed-tensors formats, calls the
 `compressed-tensors` package itself; GPTQ, AWQ, MXFP4-fused and block-FP8 packers are
-written in those modules and checked against vLLM's own packers in the tests).
+written there and checked against vLLM's own packers in the tests).
 
 Expert weights are sign(u) |u|^alpha with one alpha per expert from a shuffled ladder,
 so their AIMER scores are far apart and the expected plan is unambiguous. Expected
@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import quant_reference as qr
-from vllm_aimer.encodings import (awq, fp8_block, fp8_scaled, gptq, int8, mxfp4, nvfp4,
-                                  pack_quantized)
+from vllm_aimer.testing.encoders import (awq, fp8_block, fp8_scaled, gptq, int8, mxfp4,
+                                         nvfp4, pack_quantized)
 
 EXPERT_TENSOR_RE = re.compile(
     r"layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<expert>\d+)\."

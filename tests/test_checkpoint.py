@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import INDEX_NAME, copy_checkpoint, header_bytes, read_header, shard_names
+from tests.conftest import copy_checkpoint
+from tests.helpers.reference import INDEX_NAME, header_bytes, read_header, shard_names
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import expert_layout

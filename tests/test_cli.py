@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import (
-    EXPERT_ANY_RE, header_bytes, reference_k, reference_pruned, reference_scores)
+from tests.helpers.reference import EXPERT_ANY_RE, header_bytes, reference_k, reference_pruned, reference_scores
 
 
 def console_script() -> list[str]:
@@ -93,7 +92,7 @@ def test_score_writes_the_authors_pruned_experts_format(runs):
     text = (runs["root"] / "score" / "pruned_experts.json").read_text()
     data = json.loads(text)
     assert list(data) == ["0", "1", "2", "3"]
-    want = reference_pruned(reference_scores(model), reference_k(4, 16, 0.5))
+    want = reference_pruned(reference_scores(model), k=reference_k(4, 16, 0.5))
     assert data == {str(k): v for k, v in want.items()}
     for ids in data.values():
         assert ids == sorted(ids) and len(ids) == 8

@@ -17,7 +17,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.conftest import expert_vectors, load_tensors, reference_k, reference_pruned
+from tests.helpers.reference import expert_vectors, load_tensors, reference_k, reference_pruned
 from tests.test_cli import console_script
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.criteria import CRITERIA, check_criteria, criterion_plan
@@ -84,7 +84,7 @@ def test_random_is_the_seeded_uniform_draw(tiny, seed):
     _, ckpt, layout = tiny
     plan = criterion_plan("random", ckpt, layout, 0.5, seed=seed)
     draws = numpy_random(range(4), 16, seed)
-    assert plan.pruned_experts() == {str(l): v for l, v in reference_pruned(draws, 8).items()}
+    assert plan.pruned_experts() == {str(l): v for l, v in reference_pruned(draws, k=8).items()}
     assert all(plan.layer(l).scores == draws[l] for l in range(4))
 
 

@@ -10,9 +10,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
 
-from tests.conftest import header_bytes
+from tests.helpers.reference import header_bytes
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.demo import DEMO_MODEL
 from vllm_aimer.layout import expert_layout

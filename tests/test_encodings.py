@@ -5,7 +5,7 @@ refused with a message, before anything is written.
 
 Checkpoints are built by tests/quant_checkpoints.py with each format's packer (the
 `compressed-tensors` package for its formats; GPTQ/AWQ packers written in
-vllm_aimer.encodings and checked here against vLLM's `gptq_pack` / `awq_pack`).
+vllm_aimer.testing.encoders and checked here against vLLM's `gptq_pack` / `awq_pack`).
 vLLM's CPU build cannot run these formats here (its quantized MoE kernels need AMX or
 Arm), so none of this goes through an engine.
 """
@@ -28,11 +28,11 @@ from tests.quant_checkpoints import (EXPERT_TENSOR_RE, FORMATS, build, projectio
 from vllm_aimer.checkpoint import TensorInfo, open_checkpoint
 from vllm_aimer.cli import main
 from vllm_aimer.dtypes import dtype_bits
-from vllm_aimer.encodings import awq, gptq, nvfp4
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import expert_layout
 from vllm_aimer.plan import make_plan, plan_from_pruned_experts
 from vllm_aimer.scoring import score_checkpoint
+from vllm_aimer.testing.encoders import awq, gptq, nvfp4
 from vllm_aimer.weights import PrunedWeights
 
 REL = 1e-6
@@ -185,7 +185,7 @@ def test_gptq_packing_and_recipe_agree_with_vllm(bits, group):
     qtype = scalar_types.uint4b8 if bits == 4 else scalar_types.uint8b128
     w_ref, q, s = gptq_quantize_weights(w, qtype, group)
     packed = gptq_pack(q, bits, k, n)
-    assert torch.equal(gptq._pack(q, bits, dim=0), packed)
+    assert torch.equal(gptq.pack_gptq(q, bits, dim=0), packed)
     got = qr.gptq({"qweight": packed, "scales": s}, bits, group, symmetric=True, version=1)
     np.testing.assert_allclose(got, w_ref.double().numpy(), rtol=1e-6, atol=1e-9)
 

@@ -18,8 +18,8 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import EXPERT_ANY_RE, header_bytes
-from tests.helpers.reference import reference_pruned, reference_scores, slice_checkpoint
+from tests.helpers.reference import (EXPERT_ANY_RE, header_bytes, reference_pruned,
+                                     reference_scores, slice_checkpoint)
 from tests.test_cli import console_script
 from tests.test_plots import valid_png
 

@@ -21,11 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import read_header
 from tests.helpers import plan_files
-from tests.helpers.reference import (EXPERT_COUNT_KEYS, expert_count, hf_logprobs, load_all,
-                                     reference_pruned, reference_scores, slice_checkpoint,
-                                     sliced_tensors)
+from tests.helpers.reference import (EXPERT_COUNT_KEYS, expert_count, hf_logprobs, load_tensors,
+                                     read_header, reference_pruned, reference_scores,
+                                     slice_checkpoint, sliced_tensors)
 from vllm_aimer.cli import main
 
 SHARD = 300_000
@@ -116,7 +115,7 @@ def case(request, exports):
 
 def test_tensors_are_the_reference_slice_byte_for_byte(case):
     name, model, dest, expected, _ = case
-    got, want = load_all(dest), sliced_tensors(model, expected)
+    got, want = load_tensors(dest), sliced_tensors(model, expected)
     assert sorted(got) == sorted(want)
     for key, t in want.items():
         assert got[key].dtype == t.dtype and got[key].shape == t.shape, key
@@ -124,7 +123,7 @@ def test_tensors_are_the_reference_slice_byte_for_byte(case):
                            t.reshape(-1).view(torch.uint8)), key
     # Sharp: the export is smaller than the source.
     size = sum(t.numel() * t.element_size() for t in got.values())
-    assert size < sum(t.numel() * t.element_size() for t in load_all(model).values())
+    assert size < sum(t.numel() * t.element_size() for t in load_tensors(model).values())
 
 
 def test_config_has_the_kept_count_and_nothing_else_changes(case):
@@ -167,7 +166,7 @@ def test_shards_and_index(case):
             assert (start + h["data_offsets"][0]) % width == 0, n  # aligned
         total += sum(per_tensor.values())
     assert index["metadata"]["total_size"] == total
-    assert len(index["weight_map"]) == len(load_all(dest))
+    assert len(index["weight_map"]) == len(load_tensors(dest))
 
 
 def test_side_files_are_copied_and_provenance_is_recorded(case):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.helpers.reference import (
-    ROUTER_RE, dequant_mxfp4, load_all, reference_pruned, reference_scores, slice_checkpoint)
+    ROUTER_RE, dequant_mxfp4, load_tensors, reference_pruned, reference_scores, slice_checkpoint)
 from vllm_aimer.architectures import ARCHITECTURES
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.errors import AimerError
@@ -58,7 +58,7 @@ def stream(ckpt, layout, plan) -> dict[str, torch.Tensor]:
 
 
 def assert_stream_equals_reference(model, tmp_path, got, pruned):
-    want = load_all(slice_checkpoint(model, tmp_path / "sliced", pruned))
+    want = load_tensors(slice_checkpoint(model, tmp_path / "sliced", pruned))
     assert sorted(got) == sorted(want)
     for name, t in want.items():
         assert got[name].dtype == t.dtype and tuple(got[name].shape) == tuple(t.shape), name
@@ -73,7 +73,7 @@ def test_qwen2_moe_shared_expert_is_untouched(tiny_checkpoint, tmp_path):
     assert layout.arch.family == "qwen2_moe" and layout.layers == (0, 1, 2, 3)
     pruned = assert_aimer_plan(model, layout, scores, plan)
     got = stream(ckpt, layout, plan)
-    original = load_all(model)
+    original = load_tensors(model)
     shared = [n for n in original if ".shared_expert" in n]
     assert len(shared) == 4 * 4  # gate/up/down of the shared expert + its sigmoid gate
     for name in shared:
@@ -110,7 +110,7 @@ def test_grouped_stream_equals_reference_slice(tiny_checkpoint, family, tmp_path
     pruned = {int(k): v for k, v in plan.pruned_experts().items()}
     got = stream(ckpt, layout, plan)
     assert_stream_equals_reference(model, tmp_path, got, pruned)
-    original = load_all(model)
+    original = load_tensors(model)
     routers = sorted(n for n in got if ROUTER_RE.search(n))
     bias = [n for n in routers if n.endswith("e_score_correction_bias")]
     assert len(bias) == (0 if family == "deepseek_v2" else 3)
@@ -200,7 +200,7 @@ def test_ernie_plan_and_stream(tiny_checkpoint, tmp_path):
     pruned = assert_aimer_plan(model, layout, scores, plan)
     got = stream(ckpt, layout, plan)
     assert_stream_equals_reference(model, tmp_path, got, pruned)
-    original = load_all(model)
+    original = load_tensors(model)
     for layer in layout.layers:
         # The score-correction bias is [1, E]: sliced on dim 1, in its checkpoint dtype.
         name = f"model.layers.{layer}.mlp.moe_statics.e_score_correction_bias"
@@ -238,7 +238,7 @@ def test_fused_family_plan_and_stream(tiny_checkpoint, tmp_path, family, kwargs,
     weights = PrunedWeights(ckpt, layout, plan)
     got = dict(weights)
     assert_stream_equals_reference(model, tmp_path, got, pruned)
-    original = load_all(model)
+    original = load_tensors(model)
     block = "feed_forward" if family == "llama4" else "mlp"
     for layer in layers:
         kept = [e for e in range(16) if e not in pruned[layer]]
@@ -273,7 +273,7 @@ def test_llama4_multimodal_layout_prunes_the_text_model(tiny_checkpoint, tmp_pat
     config = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
               "text_config": text_config, "vision_config": {"model_type": "llama4_vision_model"}}
     (mm / "config.json").write_text(json.dumps(config))
-    tensors = {f"language_model.{n}": t for n, t in load_all(text).items()}
+    tensors = {f"language_model.{n}": t for n, t in load_tensors(text).items()}
     tensors["vision_model.model.layers.0.mlp.fc1.weight"] = torch.ones(4, 4)
     tensors["multi_modal_projector.linear_1.weight"] = torch.ones(4, 4)
     save_file(tensors, mm / "model.safetensors", metadata={"format": "pt"})
@@ -302,7 +302,7 @@ def test_mxfp4_scores_are_dequantized_aimer(tiny_checkpoint):
             np.testing.assert_allclose(got[layer], [want[layer][e] for e in range(16)], rtol=1e-9)
     # Sharp: the packed bytes read as plain numbers, or the codes without their group
     # exponents, score differently.
-    tensors = load_all(model)
+    tensors = load_tensors(model)
     for layer in want:
         codes = tensors[f"model.layers.{layer}.mlp.experts.down_proj_blocks"]
         flat = dequant_mxfp4(codes, torch.full(codes.shape[:-1], 127, dtype=torch.uint8))
@@ -326,7 +326,7 @@ def test_mxfp4_incomplete_checkpoint_is_refused(tiny_checkpoint, tmp_path, drop,
     from safetensors.torch import save_file
 
     model = shutil.copytree(tiny_checkpoint("gpt_oss", mxfp4=True), tmp_path / "m")
-    tensors = load_all(model)
+    tensors = load_tensors(model)
     del tensors[drop]
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(AimerError, match=match):
@@ -346,7 +346,7 @@ FP8_FUSED_RE = re.compile(r"layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<proj>gate_
 def numpy_fp8_scores(model, block) -> dict[int, list[float]]:
     """Dequantize every expert weight in numpy (value x its block's scale), then AIMER;
     per-expert or fused ([E, ...] weights with [E, row blocks, column blocks] scales)."""
-    tensors = load_all(model)
+    tensors = load_tensors(model)
     br, bc = block
 
     def dequant(w: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -401,14 +401,14 @@ def test_fp8_scores_are_dequantized_aimer(tiny_checkpoint, family, block, fused)
 
 
 def test_fp8_stream_skips_and_renumbers_scales(tiny_checkpoint):
-    from tests.test_weights import reference_slice
+    from tests.helpers.reference import sliced_tensors
 
     model = tiny_checkpoint("qwen3_moe", fp8_block=(32, 48))
     ckpt, layout, _, plan = package(model)
     pruned = {int(k): v for k, v in plan.pruned_experts().items()}
     weights = PrunedWeights(ckpt, layout, plan)
     got = dict(weights)
-    want = reference_slice(model, pruned, 16)
+    want = sliced_tensors(model, pruned)
     assert sorted(got) == sorted(want)
 
     def raw(t):  # FP8 compared bit for bit
@@ -435,7 +435,7 @@ def test_fused_fp8_stream_slices_weights_and_scales(tiny_checkpoint, tmp_path):
     weights = PrunedWeights(ckpt, layout, plan)
     got = {n: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
            for n, t in weights}
-    want = load_all(slice_checkpoint(model, tmp_path / "sliced", pruned))
+    want = load_tensors(slice_checkpoint(model, tmp_path / "sliced", pruned))
     assert sorted(got) == sorted(want)
     for name, t in want.items():
         raw = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
@@ -452,7 +452,7 @@ def test_fp8_weight_without_scales_is_refused(tiny_checkpoint, tmp_path):
     from safetensors.torch import save_file
 
     model = shutil.copytree(tiny_checkpoint("qwen3_moe", fp8_block=(128, 128)), tmp_path / "m")
-    tensors = load_all(model)
+    tensors = load_tensors(model)
     del tensors["model.layers.2.mlp.experts.5.up_proj.weight_scale_inv"]
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(AimerError, match=r"experts\.5\.up_proj: weight F8_E4M3 \[64, 64\] \(quantization: fp8\) .*cannot decode"):
@@ -483,7 +483,7 @@ def _renamed(src, dst, config_edit, rename=lambda n: n, extra=None):
     dst.mkdir()
     config = json.loads((src / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps(config_edit(config)))
-    tensors = {rename(n): t for n, t in load_all(src).items()}
+    tensors = {rename(n): t for n, t in load_tensors(src).items()}
     tensors.update(extra or {})
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
@@ -554,7 +554,7 @@ def test_qwen3_vl_moe_prunes_its_fused_transposed_text_experts(tiny_checkpoint, 
                      rename, visual)
     # Transpose the fused experts as the releases store them.
     from safetensors.torch import save_file
-    tensors = load_all(model)
+    tensors = load_tensors(model)
     for n in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
         tensors[n] = tensors[n].transpose(1, 2).contiguous()
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
@@ -658,7 +658,7 @@ def test_minimax_m2_slices_its_score_correction_bias_and_mtp_modules(tiny_checkp
     config.pop("num_nextn_predict_layers")
     (ref / "config.json").write_text(json.dumps(config | {"model_type": "minimax_m2",
                                                           "num_mtp_modules": 1}))
-    tensors = load_all(src)
+    tensors = load_tensors(src)
     g = torch.Generator().manual_seed(9)
     for layer in range(5):
         tensors[f"model.layers.{layer}.block_sparse_moe.e_score_correction_bias"] = \

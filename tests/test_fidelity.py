@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.reference import (
-    EXPERT_RE, FUSED_RE, expert_count, hf_logprobs, reference_pruned, reference_scores, run_probe,
+    EXPERT_WEIGHT_RE, FUSED_RE, expert_count, hf_logprobs, reference_pruned, reference_scores, run_probe,
     slice_checkpoint)
-from vllm_aimer.tiny import build_tiny_moe
+from vllm_aimer.testing.tiny import build_tiny_moe
 
 pytestmark = pytest.mark.engine
 
@@ -146,7 +146,7 @@ def test_pruned_tensors_are_never_read(pruned_run):
     pruned = {int(k): set(v) for k, v in
               json.loads((plan_out / "pruned_experts.json").read_text()).items()}
     read = report["tensors_read"]
-    expert_reads = [(int(m[1]), int(m[2])) for m in map(EXPERT_RE.search, read) if m]
+    expert_reads = [(int(m[1]), int(m[2])) for m in map(EXPERT_WEIGHT_RE.search, read) if m]
     fused_reads = [n for n in read if FUSED_RE.search(n)]
     if family in FUSED:
         # Fused [E, ...] tensors: only the kept rows are read (get_slice), so the trace

@@ -21,8 +21,9 @@ from vllm_aimer.architectures import (
     FIT_FAMILIES, SUPPORTED_FAMILIES, architecture_for)
 from vllm_aimer.errors import AimerError
 from vllm_aimer.fit import (
-    GIB, FitOptions, facts_from_checkpoint, facts_from_config, fit_on, fit_options,
+    FitOptions, facts_from_checkpoint, facts_from_config, fit_json, fit_on, fit_options,
     kv_cache_bytes_per_token, kv_heads_per_gpu, load_model_facts, plan_fit, render_fit)
+from vllm_aimer.units import GIB
 from vllm_aimer.constraints import Router
 from vllm_aimer.constraints import prune_count as _prune_count
 
@@ -140,8 +141,7 @@ HEADER_ONLY = {
 def test_header_only_families_are_sized_from_headers(family, tiny_checkpoint):
     import re
 
-    from tests.conftest import header_bytes
-    from tests.helpers.reference import ROUTER_RE
+    from tests.helpers.reference import ROUTER_RE, header_bytes
 
     directory = tiny_checkpoint(family)
     config = json.loads((directory / "config.json").read_text())
@@ -159,7 +159,7 @@ def test_header_only_families_are_sized_from_headers(family, tiny_checkpoint):
     per_layer = (config["kv_lora_rank"] + config["qk_rope_head_dim"] if family == "deepseek_v3"
                  else 2 * config["num_key_value_heads"] * config["head_dim"])
     assert kv_cache_bytes_per_token(f) == config["num_hidden_layers"] * per_layer * 4  # float32
-    report = plan_fit(f, fit_options(gpus=1, gpu_memory_gib=1, overhead_gib=0), directory).to_json()
+    report = fit_json(plan_fit(f, fit_options(gpus=1, gpu_memory_gib=1, overhead_gib=0), directory))
     # [E, K]: experts per layer before and after pruning at --ratio (0.5 by default).
     assert report["experts_per_layer"] == [16, 16 - k]
     assert report["top_k"] == config["num_experts_per_tok"]
@@ -231,7 +231,7 @@ def test_pruned_fit_command():
         "vllm serve '/models/Qwen3 30B' --tensor-parallel-size 2 --load-format aimer "
         f"--model-loader-extra-config '{{\"prune_ratio\": {k / 128!r}}}' --max-model-len 8192 "
         "--gpu-memory-utilization 0.9 --max-num-seqs 4 --kv-cache-dtype fp8")
-    assert report.to_json()["min_ratio"] == k / 128
+    assert fit_json(report)["min_ratio"] == k / 128
 
 
 @pytest.mark.parametrize("opts, why", [
@@ -264,27 +264,15 @@ def test_serving_and_fit_lookups_accept_ernie():
                                   "qwen3_next", "qwen3_5_moe", "minimax_m2",
                                   "deepseek", "glm4_moe", "deepseek_v32", "glm_moe_dsa",
                                   "glm4_moe_lite", "kimi_k2", "ernie4_5_moe", "llama4", "gpt_oss")
-    # fit sizes from config only the families whose shapes fit.py models; the others
+    # fit sizes from config only the families whose ShapeModel it can size; the others
     # from a checkpoint's headers.
     assert FIT_FAMILIES == ("qwen3_moe", "olmoe", "mixtral", "ernie4_5_moe")
     with pytest.raises(AimerError, match=r"not a Mixture-of-Experts family .* \(supported: qwen3_moe"):
         architecture_for({"model_type": "llama"}, purpose="fit")
     with pytest.raises(AimerError, match="from config.json alone .* checkpoint directory"):
         architecture_for({"model_type": "gpt_oss"}, purpose="fit")
-    assert architecture_for({"model_type": "gpt_oss"}, purpose="headers").family == "gpt_oss"
-
-
-def test_fit_only_entries_are_refused_for_serving(monkeypatch):
-    """An entry with serving=False is sized by fit but refused by the loader's lookup."""
-    import vllm_aimer.architectures as archs
-
-    fit_only = tuple(dataclasses.replace(a, serving=False) if a.family == "ernie4_5_moe" else a
-                     for a in archs.ARCHITECTURES)
-    monkeypatch.setattr(archs, "ARCHITECTURES", fit_only)
-    config = load("ernie-4.5-21b-a3b")
-    with pytest.raises(AimerError, match="supported by `vllm-aimer fit` only"):
-        architecture_for(config)
-    assert architecture_for(config, purpose="fit").family == "ernie4_5_moe"
+    # Sized from a checkpoint's headers, every family is (the loader's lookup).
+    assert architecture_for({"model_type": "gpt_oss"}).family == "gpt_oss"
 
 
 def test_loader_path_finds_ernie_experts(tmp_path):
@@ -529,13 +517,13 @@ def test_int4_release_kimi_k2_thinking_is_sized_from_headers():
     row = report.requested
     assert row is not None and row.fits and row.pruned_per_layer > 0
     assert "stored compressed-tensors (pack-quantized)" in render_fit(report)
-    assert report.to_json()["quantization"] == "compressed-tensors (pack-quantized)"
+    assert fit_json(report)["quantization"] == "compressed-tensors (pack-quantized)"
 
 
 def test_quantized_tiny_checkpoint_sized_from_its_headers(tmp_path):
     """A GPTQ checkpoint: every expert tensor (codes, scales, zeros, g_idx) counts, and
     pruning k of E experts removes k/E of them."""
-    from tests.conftest import header_bytes
+    from tests.helpers.reference import header_bytes
     from tests.quant_checkpoints import FORMATS, build
 
     model = build(tmp_path / "gptq", FORMATS["gptq-4b-g32-asym-v1"])

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from tests.helpers.reference import EXPERT_RE, reference_pruned, reference_scores, run_probe
+from tests.helpers.reference import EXPERT_WEIGHT_RE, reference_pruned, reference_scores, run_probe
 
 pytestmark = pytest.mark.engine
 
@@ -60,7 +60,7 @@ def test_the_model_loads_the_same_with_and_without(runs):
     assert len(pruned) == 4 * 8
     for r in (on, off):
         assert r["report"]["expert_rows"] == [8] * 4
-        read = [m for n in r["report"]["tensors_read"] if (m := EXPERT_RE.search(n))]
+        read = [m for n in r["report"]["tensors_read"] if (m := EXPERT_WEIGHT_RE.search(n))]
         assert len(read) == 4 * 8 * 3
         assert not {(int(m[1]), int(m[2])) for m in read} & pruned
     assert on["report"]["tensors_read"] == off["report"]["tensors_read"]

@@ -11,15 +11,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import SERVED_NAME, server_args
-from tests.helpers.reference import load_all, EXPERT_RE
+from tests.deploy.metric_names import AIMER_METRIC_NAMES
+from tests.helpers.reference import load_tensors, EXPERT_WEIGHT_RE
 
 pytestmark = pytest.mark.engine
 
-AIMER_METRICS = {
-    "vllm_aimer_experts_per_layer", "vllm_aimer_experts_pruned", "vllm_aimer_moe_layers",
-    "vllm_aimer_top_k", "vllm_aimer_prune_ratio", "vllm_aimer_expert_skipped_bytes",
-    "vllm_aimer_expert_loaded_bytes", "vllm_aimer_scoring_seconds", "vllm_aimer_plan_info",
-}
+AIMER_METRICS = AIMER_METRIC_NAMES  # the package's one list (tests/deploy/metric_names.py)
 VLLM_METRICS = {"vllm:num_requests_running", "vllm:num_requests_waiting",
                 "vllm:kv_cache_usage_perc"}
 
@@ -42,8 +39,8 @@ def expected_bytes(model, plan):
     """Pruned and kept expert bytes straight from the tensors (independent of the package)."""
     pruned = {int(k): set(v) for k, v in plan.items()}
     skipped = loaded = 0
-    for name, t in load_all(model).items():
-        m = EXPERT_RE.search(name)
+    for name, t in load_tensors(model).items():
+        m = EXPERT_WEIGHT_RE.search(name)
         if m:
             n = t.numel() * t.element_size()
             if int(m[2]) in pruned[int(m[1])]:
@@ -101,7 +98,7 @@ def test_promtool_accepts_the_pruning_metrics(pruned_server):
 
 def test_metrics_with_two_api_servers(pruned_server, tmp_path):
     """Also a restart on the same checkpoint and ratio: the plan comes from the cache."""
-    from vllm_aimer.server import ServerProcess
+    from vllm_aimer.testing.server import ServerProcess
 
     model = pruned_server.model
     plan_out = tmp_path / "plan"

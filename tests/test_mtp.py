@@ -15,8 +15,8 @@ import json
 import pytest
 import torch
 
-from tests.conftest import load_tensors
-from tests.helpers.reference import reference_pruned, reference_scores, slice_checkpoint
+from tests.helpers.reference import (load_tensors, reference_pruned, reference_scores,
+                                     slice_checkpoint)
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.constraints import Deployment
 from vllm_aimer.errors import AimerError
@@ -84,8 +84,9 @@ def test_a_plan_file_without_the_mtp_layer_gets_it_scored(mtp, want, tmp_path):
     path.write_text(json.dumps({str(l): want[l] for l in (1, 2, 3)}))
     assert read_plan(path, layout, ckpt.fingerprint).mtp_layers == {}
     loader = AimerModelLoader(LoadConfig(model_loader_extra_config={"plan": str(path)}))
-    plan, source, _ = loader._make_plan(ckpt, layout, Deployment())
-    assert source == "plan_file" and plan.layer(4).pruned == want[4]
+    decision = loader._plan_from_file(str(path), ckpt, layout, Deployment())
+    assert decision.source == "plan_file" and decision.plan.layer(4).pruned == want[4]
+    assert decision.seconds > 0  # the MTP layer was scored
     # A plan file that does name the MTP layer is taken as it is.
     path.write_text(json.dumps({str(l): want[l] for l in (1, 2, 3)} | {"4": list(range(0, 16, 2))}))
     assert read_plan(path, layout, ckpt.fingerprint).layer(4).pruned == list(range(0, 16, 2))

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import reference_k, reference_pruned, reference_scores
+from tests.helpers.reference import reference_k, reference_pruned, reference_scores
 from vllm_aimer.architectures import ARCHITECTURES
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.errors import AimerError
@@ -128,7 +128,7 @@ def test_random_scores_prune_the_k_highest():
     for ratio in (0.1, 0.25, 0.5, 0.8):
         k = reference_k(5, 32, ratio)
         plan = make_plan(layout, scores, ratio, "a" * 64)
-        want = reference_pruned(scores, k)
+        want = reference_pruned(scores, k=k)
         assert plan.layer_ids == [3, 4, 5, 6, 7]
         for layer in layout.layers:
             lp = plan.layer(layer)
@@ -145,7 +145,7 @@ def test_tiny_checkpoint_plan_prunes_highest_reference_scores(qwen):
     for ratio in (0.25, 0.5, 0.875):
         plan = make_plan(layout, scores, ratio, ckpt.fingerprint)
         assert plan.pruned_experts() == {str(layer): ids for layer, ids in
-                                         reference_pruned(ref, reference_k(4, 16, ratio)).items()}
+                                         reference_pruned(ref, k=reference_k(4, 16, ratio)).items()}
         assert plan.kept_per_layer == 16 - reference_k(4, 16, ratio)
         assert plan.num_experts == 16 and plan.top_k == 2 and plan.family == "qwen3_moe"
 
@@ -191,7 +191,7 @@ def test_score_cli_twice_writes_identical_files(tiny_checkpoint, tmp_path):
     assert sorted(p.name for p in outs[1].iterdir()) == names
     for name in names:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
-    want = reference_pruned(reference_scores(model), 8)
+    want = reference_pruned(reference_scores(model), k=8)
     assert json.loads((outs[0] / "pruned_experts.json").read_text()) == {
         str(k): v for k, v in want.items()}
     # The vLLM #37824/#42613 profile: the same decision as [layer, expert] pairs.

@@ -6,7 +6,6 @@ import os
 import subprocess
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from tests.test_cli import console_script

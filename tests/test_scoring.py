@@ -1,6 +1,6 @@
 """AIMER scores from `score_checkpoint` equal the definition, for every dtype and layout.
 
-The expected scores come from `tests.conftest.reference_scores`: tensors loaded with
+The expected scores come from `tests.helpers.reference.reference_scores`: tensors loaded with
 safetensors, each expert's gate, up and down weights concatenated, and
 mean(|w|) / sqrt(mean(w^2)) taken in float64 numpy.
 """
@@ -14,9 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import (
-    FUSED_RE, INDEX_NAME, EXPERT_WEIGHT_RE, aimer_numpy, as_f64, copy_checkpoint,
-    expert_weight_bytes, header_bytes, load_tensors, read_header, reference_scores, shard_names)
+from tests.conftest import copy_checkpoint
+from tests.helpers.reference import EXPERT_WEIGHT_RE, FUSED_RE, INDEX_NAME, aimer_numpy, as_f64, expert_weight_bytes, header_bytes, load_tensors, read_header, reference_scores, shard_names
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.layout import expert_layout
 from vllm_aimer.scoring import aimer_score_of, score_checkpoint

@@ -8,13 +8,12 @@ whole set costs about as much as three cold starts.
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from vllm_aimer.server import ServerProcess
+from vllm_aimer.testing.server import ServerProcess
 
 pytestmark = pytest.mark.engine
 

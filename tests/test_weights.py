@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from tests.conftest import (
-    EXPERT_ANY_RE, FUSED_RE, ROUTER_RE, header_bytes, load_tensors, shard_names)
+from tests.helpers.reference import (EXPERT_ANY_RE, FUSED_RE, ROUTER_RE, header_bytes, load_tensors,
+                                     shard_names, sliced_tensors)
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.layout import expert_layout
 from vllm_aimer.plan import make_plan, plan_from_pruned_experts
@@ -23,28 +23,6 @@ def scored_plan(model, ratio=0.5):
     layout = expert_layout(ckpt)
     scores = score_checkpoint(ckpt, layout, progress=False).scores
     return ckpt, layout, make_plan(layout, scores, ratio, ckpt.fingerprint)
-
-
-def reference_slice(model, pruned: dict[int, list[int]], num_experts: int) -> dict[str, torch.Tensor]:
-    """Drop pruned experts, renumber kept ones 0..K-1 by ascending old id, slice routers
-    and fused tensors to the kept rows."""
-    kept = {layer: [e for e in range(num_experts) if e not in ids] for layer, ids in pruned.items()}
-    out: dict[str, torch.Tensor] = {}
-    for name, t in load_tensors(model).items():
-        m = EXPERT_ANY_RE.search(name)
-        if m:
-            layer, old = int(m["layer"]), int(m["expert"])
-            if old in pruned[layer]:
-                continue
-            new = kept[layer].index(old)
-            out[name.replace(f".experts.{old}.", f".experts.{new}.")] = t
-            continue
-        m = ROUTER_RE.search(name) or FUSED_RE.search(name)
-        if m:
-            out[name] = t[kept[int(m["layer"])]]
-            continue
-        out[name] = t
-    return out
 
 
 def collect(iterator) -> dict[str, torch.Tensor]:
@@ -79,7 +57,7 @@ def test_stream_equals_reference_slice(tiny_checkpoint, family, kwargs):
     assert all(len(ids) == 8 for ids in pruned.values())
     weights = PrunedWeights(ckpt, layout, plan)
     got = collect(weights)
-    want = reference_slice(model, pruned, 16)
+    want = sliced_tensors(model, pruned)
     assert_same_tensors(got, want)
     # Routers have K rows, experts are numbered 0..K-1 in every MoE layer.
     for name, t in got.items():
@@ -140,7 +118,7 @@ def test_skip_callback_sees_new_names(tiny_checkpoint):
 
     weights = PrunedWeights(ckpt, layout, plan)
     got = collect(weights.iterate(skip))
-    want = {n: t for n, t in reference_slice(model, pruned, 16).items()
+    want = {n: t for n, t in sliced_tensors(model, pruned).items()
             if not ((m := NEW_ID_RE.search(n)) and int(m[1]) >= 2)}
     assert_same_tensors(got, want)
     expert_names = [n for n in got if EXPERT_ANY_RE.search(n)]
@@ -165,7 +143,7 @@ def test_skip_callback_drops_other_tensors_by_name(tiny_checkpoint):
     ckpt, layout, plan = scored_plan(model)
     weights = PrunedWeights(ckpt, layout, plan)
     got = collect(weights.iterate(lambda n: n == "lm_head.weight"))
-    want = reference_slice(model, pruned_ids(plan), 16)
+    want = sliced_tensors(model, pruned_ids(plan))
     del want["lm_head.weight"]
     assert_same_tensors(got, want)
     assert "lm_head.weight" not in weights.stats.tensors_read
@@ -178,7 +156,7 @@ def test_fused_tensors_are_sliced_to_kept_rows(tiny_checkpoint, family):
     pruned = pruned_ids(plan)
     weights = PrunedWeights(ckpt, layout, plan)
     got = collect(weights)
-    assert_same_tensors(got, reference_slice(model, pruned, 16))
+    assert_same_tensors(got, sliced_tensors(model, pruned))
     fused = [n for n in got if FUSED_RE.search(n)]
     assert len(fused) == 8
     for name in fused:
@@ -199,7 +177,7 @@ def test_fused_slicing_with_scattered_kept_ids(tiny_checkpoint):
                                     ckpt.fingerprint, "test")
     weights = PrunedWeights(ckpt, layout, plan)
     got = collect(weights)
-    want = reference_slice(model, pruned, 16)
+    want = sliced_tensors(model, pruned)
     assert_same_tensors(got, want)
     full = load_tensors(model)
     name = "model.layers.1.mlp.experts.gate_up_proj"
@@ -240,7 +218,7 @@ def test_threaded_stream_equals_the_sequential_one(tiny_checkpoint, family, kwar
     want = list(sequential.iterate())
     got = list(threaded.iterate(threads=threads))
     assert [n for n, _ in got] == [n for n, _ in want]
-    assert_same_tensors(dict(got), reference_slice(model, pruned_ids(plan), 16))
+    assert_same_tensors(dict(got), sliced_tensors(model, pruned_ids(plan)))
     assert threaded.stats == sequential.stats
     odd = lambda name: (m := NEW_ID_RE.search(name)) is not None and int(m[1]) % 2 == 1  # noqa: E731
     assert ([n for n, _ in PrunedWeights(ckpt, layout, plan).iterate(odd, threads=threads)]

@@ -1,34 +1,34 @@
 """What vllm-aimer knows about each MoE family, as data.
 
-One `Architecture` entry per family: where its routed experts live in the
-checkpoint, which config keys hold the expert count and top_k, and which
-router tensors are indexed by expert. Adding a family is adding an entry.
+One `Architecture` entry per family: the config keys that hold its expert count,
+top_k, router groups and MTP layers; where its routed experts and routers sit in the
+checkpoint (`TensorNames`: what the loader, export and plan files need); and how
+`vllm-aimer fit` sizes it from config.json alone (`ShapeModel`). Adding a family is
+adding an entry.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 from vllm_aimer.errors import AimerError
+
+__all__ = ["ROLES", "TensorNames", "ShapeModel", "Architecture", "ARCHITECTURES",
+           "SUPPORTED_FAMILIES", "FIT_FAMILIES", "text_config", "architecture_for",
+           "config_value", "optional_int"]
 
 # The roles AIMER concatenates for one expert.
 ROLES = ("gate", "up", "down")
 
 
 @dataclass(frozen=True)
-class Architecture:
-    family: str
-    """Short name, as users see it (and as `model_type` usually spells it)."""
-    model_types: tuple[str, ...]
-    """HF `model_type` values that use this entry."""
-    expert_count_keys: tuple[str, ...]
-    """Config keys (aliases) holding the routed-expert count; all are rewritten."""
-    top_k_keys: tuple[str, ...]
-    """Config keys holding the number of experts each token is routed to."""
+class TensorNames:
+    """Where a family's routed experts and expert-indexed router tensors sit in the
+    checkpoint, and how a tensor name is matched and renumbered."""
     moe_block: str
     """Regex of a MoE block's module path; must capture `layer`."""
     projections: Mapping[str, str]
@@ -39,61 +39,21 @@ class Architecture:
     """Tensors under the MoE block indexed by routed expert (router rows, router bias,
     score-correction bias) -> the dimension that expert indexes (ERNIE's score-correction
     bias is [1, experts]: dim 1)."""
-    group_count_keys: tuple[str, ...] = ()
-    """Config keys holding the number of expert groups of a group-limited router
-    (DeepSeek-V3 `n_group`): experts form that many contiguous groups of equal size."""
-    group_topk_keys: tuple[str, ...] = ()
-    """Config keys holding how many groups each token may be routed to (`topk_group`)."""
     mtp_prefix: str = ""
     """Where a family stores its multi-token-prediction layers under their own numbering
     (Qwen3-Next / Qwen3.5: `mtp.layers.{i}`): such a layer is keyed num_hidden_layers + i,
     after the trunk, like DeepSeek's; matchers take that base as `mtp_base`."""
-    mtp_layer_keys: tuple[str, ...] = ()
-    """Config keys holding the number of multi-token-prediction layers stored after the
-    trunk (`layers.{num_hidden_layers + i}`), which vLLM's MTP drafter builds with the
-    same expert count (DeepSeek-V3 / GLM-4.5 `num_nextn_predict_layers`)."""
-
-    # What `vllm-aimer fit` needs to size a model from config.json alone (see fit.py).
-    serving: bool = True
-    """False: `vllm-aimer fit` can size this family, but `--load-format aimer` cannot
-    prune it at load time yet (`architecture_for` rejects it for serving)."""
-    fit: bool = True
-    """False: `vllm-aimer fit` cannot size this family from its config yet (its
-    attention or shared-expert shapes are not modelled there); load-time pruning
-    does not depend on this."""
-    moe_intermediate_keys: tuple[str, ...] = ("moe_intermediate_size",)
-    """Config keys holding one routed expert's intermediate size."""
-    dense_intermediate_keys: tuple[str, ...] = ("intermediate_size",)
-    """Config keys holding the intermediate size of a dense (non-MoE) layer's MLP."""
-    shared_expert_keys: tuple[str, ...] = ()
-    """Config keys holding the shared-expert count (one MLP, count x moe_intermediate wide)."""
-    first_moe_layer_keys: tuple[str, ...] = ()
-    """Config keys: layers below this index are dense (first_k_dense_replace style)."""
-    last_moe_layer_keys: tuple[str, ...] = ()
-    """Config keys: layers above this index are dense (-1 or absent: the last layer)."""
-    moe_layer_step_keys: tuple[str, ...] = ()
-    """Config keys: only layers with (index + 1) % step == 0 are MoE."""
-    dense_layer_list_keys: tuple[str, ...] = ()
-    """Config keys listing layer indices that are dense (mlp_only_layers style)."""
-    latent_kv_keys: tuple[str, ...] = ()
-    """Config keys whose sum is the per-token, per-layer width of a latent KV cache
-    (MLA: kv_lora_rank + qk_rope_head_dim), which vLLM keeps whole on every rank."""
-    qk_norm: str = "none"
-    """Attention q/k norms: "head" (head_dim wide), "full" (hidden and
-    kv_heads x hidden / heads wide, OLMoE) or "none"."""
-    attention_bias_keys: tuple[str, ...] = ("attention_bias",)
-    """Config keys that, when true, give q/k/v/o projections a bias."""
-    tie_word_embeddings_default: bool = False
-    """What the family's config class assumes when tie_word_embeddings is absent."""
-    router_dtype: str | None = None
-    """dtype the checkpoint stores router tensors in when it is not the model's
-    (ERNIE keeps gate and score-correction bias in float32); None: the model dtype."""
 
     @cached_property
     def _per_expert_re(self) -> re.Pattern[str]:
         return re.compile(
             rf"^(?P<head>(?:.*\.)?{self.moe_block}\.experts\.)(?P<expert>\d+)\.(?P<tail>(?P<proj>[^.]+)\..+)$"
         )
+
+    @cached_property
+    def _expert_module_re(self) -> re.Pattern[str]:
+        return re.compile(rf"^(?P<head>(?:.*\.)?{self.moe_block}\.experts\.)(?P<expert>\d+)"
+                          rf"(?P<tail>(?:\..*)?)$")
 
     @cached_property
     def _fused_re(self) -> re.Pattern[str]:
@@ -128,9 +88,17 @@ class Architecture:
         return m["tail"][len(m["proj"]) + 1:]
 
     def rename_expert(self, name: str, new_id: int) -> str:
+        """A per-expert tensor's name with its expert id replaced by `new_id`."""
         m = self._per_expert_re.match(name)
         assert m is not None, name
         return f"{m['head']}{new_id}.{m['tail']}"
+
+    def match_expert_module(self, name: str) -> tuple[int, int, str, str] | None:
+        """(layer, expert id, text before the id, text after it) of a name that is one
+        routed expert's module or any name under it (`...layers.N.mlp.experts.E[.rest]`),
+        else None. Export renames such entries of a quantization config."""
+        m = self._expert_module_re.match(name)
+        return (int(m["layer"]), int(m["expert"]), m["head"], m["tail"]) if m else None
 
     def match_fused(self, name: str, mtp_base: int = 0) -> tuple[int, str] | None:
         """(layer, name after `experts.`) of a fused all-experts tensor, else None."""
@@ -151,20 +119,89 @@ class Architecture:
         return self._layer(name, m, mtp_base) if m else None
 
     def router_dim(self, name: str) -> int:
-        """The dimension of router tensor `name` that routed experts index."""
+        """The dimension of router tensor `name` that routed experts index.
+
+        Raises:
+            KeyError: `name` is not one of the family's router tensors.
+        """
         for tail, dim in self.router_tensors.items():
             if name.endswith(f".{tail}"):
                 return dim
         raise KeyError(name)
 
 
+@dataclass(frozen=True)
+class ShapeModel:
+    """What `vllm-aimer fit` needs to size a family from config.json alone (fit/sizing.py):
+    the config keys of its layer shapes and the rules of its modeling code."""
+    from_config: bool = True
+    """False: fit sizes this family only from a checkpoint's safetensors headers (its
+    attention or shared-expert shapes are not modelled); load-time pruning does not
+    depend on this."""
+    moe_intermediate_keys: tuple[str, ...] = ("moe_intermediate_size",)
+    """Config keys holding one routed expert's intermediate size."""
+    dense_intermediate_keys: tuple[str, ...] = ("intermediate_size",)
+    """Config keys holding the intermediate size of a dense (non-MoE) layer's MLP."""
+    shared_expert_keys: tuple[str, ...] = ()
+    """Config keys holding the shared-expert count (one MLP, count x moe_intermediate wide)."""
+    first_moe_layer_keys: tuple[str, ...] = ()
+    """Config keys: layers below this index are dense (first_k_dense_replace style)."""
+    last_moe_layer_keys: tuple[str, ...] = ()
+    """Config keys: layers above this index are dense (-1 or absent: the last layer)."""
+    moe_layer_step_keys: tuple[str, ...] = ()
+    """Config keys: only layers with (index + 1) % step == 0 are MoE."""
+    dense_layer_list_keys: tuple[str, ...] = ()
+    """Config keys listing layer indices that are dense (mlp_only_layers style)."""
+    latent_kv_keys: tuple[str, ...] = ()
+    """Config keys whose sum is the per-token, per-layer width of a latent KV cache
+    (MLA: kv_lora_rank + qk_rope_head_dim), which vLLM keeps whole on every rank."""
+    qk_norm: Literal["head", "full", "none"] = "none"
+    """Attention q/k norms: "head" (head_dim wide), "full" (hidden and
+    kv_heads x hidden / heads wide, OLMoE) or "none"."""
+    attention_bias_keys: tuple[str, ...] = ("attention_bias",)
+    """Config keys that, when true, give q/k/v/o projections a bias."""
+    tie_word_embeddings_default: bool = False
+    """What the family's config class assumes when tie_word_embeddings is absent."""
+    router_dtype: str | None = None
+    """dtype the checkpoint stores router tensors in when it is not the model's
+    (ERNIE keeps gate and score-correction bias in float32); None: the model dtype."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str
+    """Short name, as users see it (and as `model_type` usually spells it)."""
+    model_types: tuple[str, ...]
+    """HF `model_type` values that use this entry."""
+    expert_count_keys: tuple[str, ...]
+    """Config keys (aliases) holding the routed-expert count; all are rewritten."""
+    top_k_keys: tuple[str, ...]
+    """Config keys holding the number of experts each token is routed to."""
+    names: TensorNames
+    """Where the routed experts and routers sit in the checkpoint."""
+    shape: ShapeModel = ShapeModel()
+    """How fit sizes the family from config.json."""
+    group_count_keys: tuple[str, ...] = ()
+    """Config keys holding the number of expert groups of a group-limited router
+    (DeepSeek-V3 `n_group`): experts form that many contiguous groups of equal size."""
+    group_topk_keys: tuple[str, ...] = ()
+    """Config keys holding how many groups each token may be routed to (`topk_group`)."""
+    mtp_layer_keys: tuple[str, ...] = ()
+    """Config keys holding the number of multi-token-prediction layers stored after the
+    trunk (`layers.{num_hidden_layers + i}`), which vLLM's MTP drafter builds with the
+    same expert count (DeepSeek-V3 / GLM-4.5 `num_nextn_predict_layers`)."""
+
+
 # The most common layout: `layers.N.mlp.experts.{id}.{gate,up,down}_proj.weight`, or
 # fused `layers.N.mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj` in newer saves.
-_MLP_EXPERTS: dict[str, Any] = dict(
+_MLP_EXPERTS = TensorNames(
     moe_block=r"layers\.(?P<layer>\d+)\.mlp",
     projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
     fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
 )
+# Qwen-style dense layers: a step (decoder_sparse_step) and an explicit list.
+_QWEN_SHAPE = ShapeModel(moe_layer_step_keys=("decoder_sparse_step",),
+                         dense_layer_list_keys=("mlp_only_layers",))
 
 # DeepSeek-V2/V3 and GLM-4.5 share one layout: dense first layers, shared experts
 # (`mlp.shared_experts.*`) and the dense layers' `mlp.{gate,up,down}_proj` do not match
@@ -176,18 +213,17 @@ _DEEPSEEK = Architecture(
     model_types=("deepseek_v2", "deepseek_v3"),
     expert_count_keys=("n_routed_experts",),
     top_k_keys=("num_experts_per_tok",),
-    **_MLP_EXPERTS,
-    router_tensors={"gate.weight": 0, "gate.e_score_correction_bias": 0},
+    names=replace(_MLP_EXPERTS,
+                  router_tensors={"gate.weight": 0, "gate.e_score_correction_bias": 0}),
+    # MLA attention (DeepSeek) and partial rotary (GLM) are not modelled by fit's sizing.
+    shape=ShapeModel(from_config=False, shared_expert_keys=("n_shared_experts",),
+                     first_moe_layer_keys=("first_k_dense_replace",),
+                     latent_kv_keys=("kv_lora_rank", "qk_rope_head_dim")),
     group_count_keys=("n_group",),
     group_topk_keys=("topk_group",),
     # vllm/model_executor/models/deepseek_mtp.py and glm4_moe_mtp.py: MTP layers at
     # num_hidden_layers + i, experts named like a trunk layer's.
     mtp_layer_keys=("num_nextn_predict_layers",),
-    fit=False,  # MLA attention (DeepSeek) and partial rotary (GLM) are not modelled by fit.py
-    moe_intermediate_keys=("moe_intermediate_size",),
-    shared_expert_keys=("n_shared_experts",),
-    first_moe_layer_keys=("first_k_dense_replace",),
-    latent_kv_keys=("kv_lora_rank", "qk_rope_head_dim"),
 )
 
 _MIXTRAL = Architecture(
@@ -195,11 +231,11 @@ _MIXTRAL = Architecture(
     model_types=("mixtral",),
     expert_count_keys=("num_local_experts", "num_experts"),
     top_k_keys=("num_experts_per_tok",),
-    moe_block=r"layers\.(?P<layer>\d+)\.block_sparse_moe",
-    projections={"w1": "gate", "w3": "up", "w2": "down"},
-    fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
-    moe_intermediate_keys=("intermediate_size",),
-    attention_bias_keys=(),
+    names=TensorNames(
+        moe_block=r"layers\.(?P<layer>\d+)\.block_sparse_moe",
+        projections={"w1": "gate", "w3": "up", "w2": "down"},
+        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}),
+    shape=ShapeModel(moe_intermediate_keys=("intermediate_size",), attention_bias_keys=()),
 )
 
 # Qwen3-Next (qwen3_next.py, qwen3_next_mtp.py): per-expert
@@ -212,12 +248,9 @@ _QWEN3_NEXT = Architecture(
     model_types=("qwen3_next",),
     expert_count_keys=("num_experts",),
     top_k_keys=("num_experts_per_tok",),
-    **_MLP_EXPERTS,
-    mtp_prefix="mtp.",
-    moe_intermediate_keys=("moe_intermediate_size",),
-    moe_layer_step_keys=("decoder_sparse_step",),
-    dense_layer_list_keys=("mlp_only_layers",),
-    fit=False,  # gated delta-net attention and the shared expert are not modelled
+    names=replace(_MLP_EXPERTS, mtp_prefix="mtp."),
+    # Gated delta-net attention and the shared expert are not modelled.
+    shape=replace(_QWEN_SHAPE, from_config=False),
 )
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -227,11 +260,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         # Public checkpoints say num_experts; transformers 5 writes num_local_experts.
         expert_count_keys=("num_experts", "num_local_experts"),
         top_k_keys=("num_experts_per_tok",),
-        **_MLP_EXPERTS,
-        moe_intermediate_keys=("moe_intermediate_size",),
-        moe_layer_step_keys=("decoder_sparse_step",),
-        dense_layer_list_keys=("mlp_only_layers",),
-        qk_norm="head",
+        names=_MLP_EXPERTS,
+        shape=replace(_QWEN_SHAPE, qk_norm="head"),
     ),
     Architecture(
         # Qwen3-VL MoE (qwen3_vl_moe.py): the text model is Qwen3-MoE under
@@ -244,21 +274,17 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         model_types=("qwen3_vl_moe", "qwen3_vl_moe_text"),
         expert_count_keys=("num_experts", "num_local_experts"),
         top_k_keys=("num_experts_per_tok",),
-        **_MLP_EXPERTS,
-        moe_intermediate_keys=("moe_intermediate_size",),
-        moe_layer_step_keys=("decoder_sparse_step",),
-        dense_layer_list_keys=("mlp_only_layers",),
-        qk_norm="head",
-        fit=False,  # the vision tower and mrope are not modelled by fit.py
+        names=_MLP_EXPERTS,
+        # The vision tower and mrope are not modelled by fit's sizing.
+        shape=replace(_QWEN_SHAPE, qk_norm="head", from_config=False),
     ),
     Architecture(
         family="olmoe",
         model_types=("olmoe",),
         expert_count_keys=("num_experts", "num_local_experts"),
         top_k_keys=("num_experts_per_tok",),
-        **_MLP_EXPERTS,
-        moe_intermediate_keys=("intermediate_size",),
-        qk_norm="full",
+        names=_MLP_EXPERTS,
+        shape=ShapeModel(moe_intermediate_keys=("intermediate_size",), qk_norm="full"),
     ),
     _MIXTRAL,
     Architecture(
@@ -268,11 +294,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         top_k_keys=("num_experts_per_tok",),
         # The shared expert (`mlp.shared_expert.*`, `mlp.shared_expert_gate.weight`) is
         # not matched by these names, so it is never scored nor sliced.
-        **_MLP_EXPERTS,
-        moe_intermediate_keys=("moe_intermediate_size",),
-        moe_layer_step_keys=("decoder_sparse_step",),
-        dense_layer_list_keys=("mlp_only_layers",),
-        fit=False,  # shared_expert_intermediate_size is not modelled by fit.py
+        names=_MLP_EXPERTS,
+        # shared_expert_intermediate_size is not modelled by fit's sizing.
+        shape=replace(_QWEN_SHAPE, from_config=False),
     ),
     _QWEN3_NEXT,
     # Qwen3.5 / Qwen3.6 MoE (qwen3_5.py, qwen3_5_mtp.py): the Qwen3-Next text model under
@@ -280,19 +304,22 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # (qwen3_5_moe_text); BF16 releases fuse experts as `experts.gate_up_proj` [E, 2I, H]
     # + `experts.down_proj`, FP8 releases store them per expert; MTP under `mtp.layers.{i}`.
     replace(_QWEN3_NEXT, family="qwen3_5_moe", model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
-            moe_layer_step_keys=(), dense_layer_list_keys=()),
+            shape=ShapeModel(from_config=False)),
     # MiniMax-M2 / M2.5 / M2.7 (minimax_m2.py): Mixtral names
     # `block_sparse_moe.experts.{j}.w{1,3,2}`, router `block_sparse_moe.gate.weight` and
     # `block_sparse_moe.e_score_correction_bias` [E]; MTP modules stored after the trunk
     # at `layers.{num_hidden_layers + i}` (`num_mtp_modules`, dropped by vLLM's target
     # model; pruned alike so a drafter would match).
     replace(_MIXTRAL, family="minimax_m2", model_types=("minimax_m2",),
-            expert_count_keys=("num_local_experts",), fused_projections={},
-            router_tensors={"gate.weight": 0, "e_score_correction_bias": 0},
+            expert_count_keys=("num_local_experts",),
+            names=replace(_MIXTRAL.names, fused_projections={},
+                          router_tensors={"gate.weight": 0, "e_score_correction_bias": 0}),
             mtp_layer_keys=("num_mtp_modules",),
-            fit=False),  # partial rotary and q/k norms over all heads are not modelled
+            # Partial rotary and q/k norms over all heads are not modelled.
+            shape=replace(_MIXTRAL.shape, from_config=False)),
     _DEEPSEEK,
-    replace(_DEEPSEEK, family="glm4_moe", model_types=("glm4_moe",), latent_kv_keys=()),
+    replace(_DEEPSEEK, family="glm4_moe", model_types=("glm4_moe",),
+            shape=replace(_DEEPSEEK.shape, latent_kv_keys=())),
     # DeepSeek-V3.2 (DSA): vLLM's CPU build serves it with DeepseekV3ForCausalLM and CUDA
     # with models/deepseek_v32 (a DeepseekV2ForCausalLM subclass); both load experts with
     # fused_moe_make_expert_params_mapping over `mlp.experts.{j}.{gate,up,down}_proj`, plus
@@ -316,18 +343,19 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         model_types=("ernie4_5_moe",),
         expert_count_keys=("moe_num_experts",),
         top_k_keys=("moe_k",),
-        moe_block=r"layers\.(?P<layer>\d+)\.mlp",
-        projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
-        # The score-correction bias is [1, experts]: experts index dim 1.
-        router_tensors={"gate.weight": 0, "moe_statics.e_score_correction_bias": 1},
-        moe_intermediate_keys=("moe_intermediate_size",),
-        shared_expert_keys=("moe_num_shared_experts",),
-        first_moe_layer_keys=("moe_layer_start_index",),
-        last_moe_layer_keys=("moe_layer_end_index",),
-        moe_layer_step_keys=("moe_layer_interval",),
-        attention_bias_keys=("use_bias",),
-        tie_word_embeddings_default=True,
-        router_dtype="float32",
+        names=TensorNames(
+            moe_block=r"layers\.(?P<layer>\d+)\.mlp",
+            projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+            # The score-correction bias is [1, experts]: experts index dim 1.
+            router_tensors={"gate.weight": 0, "moe_statics.e_score_correction_bias": 1}),
+        shape=ShapeModel(
+            shared_expert_keys=("moe_num_shared_experts",),
+            first_moe_layer_keys=("moe_layer_start_index",),
+            last_moe_layer_keys=("moe_layer_end_index",),
+            moe_layer_step_keys=("moe_layer_interval",),
+            attention_bias_keys=("use_bias",),
+            tie_word_embeddings_default=True,
+            router_dtype="float32"),
     ),
     Architecture(
         family="llama4",
@@ -336,40 +364,42 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         model_types=("llama4", "llama4_text"),
         expert_count_keys=("num_local_experts",),
         top_k_keys=("num_experts_per_tok",),
-        moe_block=r"layers\.(?P<layer>\d+)\.feed_forward",
         # Released BF16 checkpoints fuse experts as gate_up_proj [E, H, 2I] (gate half,
         # then up half) and down_proj [E, I, H]; Meta's FP8 release is per expert. The
         # shared expert (`feed_forward.shared_expert.*`) and the dense layers'
         # `feed_forward.{gate,up,down}_proj` do not match `feed_forward.experts.`.
-        projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
-        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
-        router_tensors={"router.weight": 0},
-        moe_intermediate_keys=("intermediate_size",),
-        dense_intermediate_keys=("intermediate_size_mlp",),
-        moe_layer_step_keys=("interleave_moe_layer_step",),
-        fit=False,  # chunked attention / no-RoPE layers and the shared expert not modelled
+        names=TensorNames(
+            moe_block=r"layers\.(?P<layer>\d+)\.feed_forward",
+            projections={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+            fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+            router_tensors={"router.weight": 0}),
+        # Chunked attention / no-RoPE layers and the shared expert are not modelled.
+        shape=ShapeModel(from_config=False, moe_intermediate_keys=("intermediate_size",),
+                         dense_intermediate_keys=("intermediate_size_mlp",),
+                         moe_layer_step_keys=("interleave_moe_layer_step",)),
     ),
     Architecture(
         family="gpt_oss",
         model_types=("gpt_oss",),
         expert_count_keys=("num_local_experts",),
         top_k_keys=("num_experts_per_tok", "experts_per_token"),
-        moe_block=r"layers\.(?P<layer>\d+)\.mlp",
         # Always fused: gate_up_proj [E, H, 2I] with gate and up interleaved column by
         # column, down_proj [E, I, H], each with an [E, ...] bias (sliced, not scored).
         # MXFP4 releases store `<name>_blocks` (packed FP4) + `<name>_scales` (E8M0).
-        projections={},
-        fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
-        router_tensors={"router.weight": 0, "router.bias": 0},
-        moe_intermediate_keys=("intermediate_size",),
-        fit=False,  # attention sinks and sliding layers are not modelled by fit.py
+        names=TensorNames(
+            moe_block=r"layers\.(?P<layer>\d+)\.mlp",
+            projections={},
+            fused_projections={"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+            router_tensors={"router.weight": 0, "router.bias": 0}),
+        # Attention sinks and sliding layers are not modelled by fit's sizing.
+        shape=ShapeModel(from_config=False, moe_intermediate_keys=("intermediate_size",)),
     ),
 )
 
-SUPPORTED_FAMILIES: tuple[str, ...] = tuple(a.family for a in ARCHITECTURES if a.serving)
-"""Families `--load-format aimer` prunes at load time."""
-FIT_FAMILIES: tuple[str, ...] = tuple(a.family for a in ARCHITECTURES if a.fit)
-"""Families `vllm-aimer fit` can size."""
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(a.family for a in ARCHITECTURES)
+"""Families `--load-format aimer` prunes at load time (every entry)."""
+FIT_FAMILIES: tuple[str, ...] = tuple(a.family for a in ARCHITECTURES if a.shape.from_config)
+"""Families `vllm-aimer fit` can size from config.json alone (every family from headers)."""
 
 
 def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -378,27 +408,27 @@ def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return inner if isinstance(inner, Mapping) else config
 
 
-def architecture_for(config: Mapping[str, Any], purpose: str = "serve") -> Architecture:
-    """The entry for an HF config dict; a clear error for dense or unknown models.
+def architecture_for(config: Mapping[str, Any],
+                     purpose: Literal["serve", "fit"] = "serve") -> Architecture:
+    """The entry for an HF config dict.
 
-    purpose "serve" (the loader, score, plan) accepts only families pruned at load
-    time; "headers" (`vllm-aimer fit` on a checkpoint, sized from its safetensors
-    headers) accepts every entry; "fit" (`vllm-aimer fit` on a config.json alone)
-    accepts the entries whose shapes fit.py models.
+    Args:
+        config: config.json as a dict (multimodal configs: the family is read from
+            text_config when it has one).
+        purpose: "serve" (the loader, score, plan, export, and fit on a checkpoint's
+            headers) accepts every entry; "fit" (`vllm-aimer fit` on a config.json
+            alone) accepts the entries whose shapes fit models (`ShapeModel.from_config`).
+
+    Raises:
+        AimerError: a dense or unknown model_type, or (purpose "fit") a family fit
+            sizes from headers only, each naming the fix.
     """
     model_type = text_config(config).get("model_type") or config.get("model_type")
-    for arch in ARCHITECTURES:
-        if model_type in arch.model_types and (purpose != "fit" or arch.fit):
-            if purpose == "serve" and not arch.serving:
-                raise AimerError(
-                    f"model_type {model_type!r} ({arch.family}) is supported by `vllm-aimer fit` "
-                    "only for now: load-time pruning of this family is not implemented yet "
-                    f"(load-time pruning supports: {', '.join(SUPPORTED_FAMILIES)}).",
-                    "serve this model without --load-format aimer (use `vllm-aimer fit` to "
-                    "size it), or use a checkpoint of a supported family.")
-            return arch
+    arch = next((a for a in ARCHITECTURES if model_type in a.model_types), None)
     if purpose == "fit":
-        if any(model_type in arch.model_types for arch in ARCHITECTURES):
+        if arch is not None and arch.shape.from_config:
+            return arch
+        if arch is not None:
             raise AimerError(
                 f"`vllm-aimer fit` cannot size model_type {model_type!r} from config.json "
                 f"alone yet (from a config it sizes: {', '.join(FIT_FAMILIES)}).",
@@ -408,6 +438,8 @@ def architecture_for(config: Mapping[str, Any], purpose: str = "serve") -> Archi
             f"model_type {model_type!r} is not a Mixture-of-Experts family `vllm-aimer fit` "
             f"knows (supported: {', '.join(SUPPORTED_FAMILIES)}).",
             "pass a config.json or checkpoint of a supported family.")
+    if arch is not None:
+        return arch
     raise AimerError(
         f"model_type {model_type!r} is not a supported Mixture-of-Experts family "
         f"(supported: {', '.join(SUPPORTED_FAMILIES)}).",
@@ -416,13 +448,25 @@ def architecture_for(config: Mapping[str, Any], purpose: str = "serve") -> Archi
     )
 
 
-def config_value(config: Mapping[str, Any], keys: tuple[str, ...], what: str) -> int:
-    """The first of `keys` present in the text config, as an int."""
+def optional_int(config: Mapping[str, Any], keys: Sequence[str]) -> int | None:
+    """The first of `keys` holding an int (not a bool) in the (text) config, else None."""
     cfg = text_config(config)
     for key in keys:
         value = cfg.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+    return None
+
+
+def config_value(config: Mapping[str, Any], keys: Sequence[str], what: str) -> int:
+    """The first of `keys` holding an int in the (text) config.
+
+    Raises:
+        AimerError: none of `keys` holds one; `what` names the value for the user.
+    """
+    value = optional_int(config, keys)
+    if value is not None:
+        return value
     raise AimerError(
         f"config.json has no {what} (looked for {', '.join(keys)}).",
         "check that the checkpoint's config.json is complete.",

@@ -20,6 +20,9 @@ from typing import Any
 from vllm_aimer.dtypes import dtype_bits, tensor_bytes
 from vllm_aimer.errors import AimerError
 
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "HF_QUANT_CONFIG_NAME", "TensorInfo", "Checkpoint",
+           "open_checkpoint"]
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # ModelOpt before 0.31 keeps its quantization config beside config.json (vLLM reads it
@@ -29,15 +32,19 @@ HF_QUANT_CONFIG_NAME = "hf_quant_config.json"
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor as its shard's header lists it."""
     name: str
     file: str
+    """Its shard file, relative to the checkpoint directory."""
     dtype: str
+    """The safetensors dtype name (see vllm_aimer.dtypes)."""
     shape: tuple[int, ...]
     offset: int = -1
     """Byte offset of the tensor's data in its file (-1: not known, e.g. built by hand)."""
 
     @property
     def numel(self) -> int:
+        """Elements in `shape`."""
         n = 1
         for d in self.shape:
             n *= d
@@ -45,13 +52,16 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """Bytes on disk; AimerError for a dtype vllm_aimer.dtypes does not know."""
         return tensor_bytes(self.dtype, self.shape, self.name)
 
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """A local safetensors checkpoint's config and tensor headers (from `open_checkpoint`)."""
     directory: Path
     config: Mapping[str, Any]
+    """config.json."""
     files: tuple[str, ...]
     """Shard file names (relative to `directory`), in load order."""
     tensors: Mapping[str, TensorInfo]
@@ -62,14 +72,17 @@ class Checkpoint:
     """hf_quant_config.json, when config.json has no quantization_config (old ModelOpt)."""
 
     def path(self, file: str) -> Path:
+        """The path of shard `file`."""
         return self.directory / file
 
     def tensors_by_file(self) -> Iterator[tuple[str, list[TensorInfo]]]:
+        """Yields (shard file, its tensors in name order), files in load order."""
         for file in self.files:
             yield file, [t for t in self.tensors.values() if t.file == file]
 
     @cached_property
     def total_bytes(self) -> int:
+        """Bytes of all tensors' data (headers excluded)."""
         return sum(t.nbytes for t in self.tensors.values())
 
 
@@ -177,7 +190,20 @@ def _shard_files(directory: Path) -> tuple[list[str], bytes]:
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Read config, index and shard headers of a local checkpoint (plus a 128 KiB
-    sample per shard for its identity); no tensor is read."""
+    sample per shard for its identity); no tensor is read.
+
+    Args:
+        path: a local Hugging Face checkpoint directory in safetensors format.
+
+    Returns:
+        The checkpoint, with every tensor's header entry and the fingerprint.
+
+    Raises:
+        AimerError: `path` is not a directory; config.json is missing or not valid
+            JSON; the index or hf_quant_config.json is not valid; a shard the index
+            lists is missing; no safetensors weights are found; or a shard's header is
+            unreadable, names an unknown dtype or does not match the file (truncated).
+    """
     directory = Path(path)
     if not directory.is_dir():
         raise AimerError(

@@ -11,15 +11,18 @@ from pathlib import Path
 from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import ExpertLayout, expert_layout
-from vllm_aimer.outputs import atomic_write_text, ensure_writable_dir, write_plan_outputs
+from vllm_aimer.files import atomic_write_text, ensure_writable_dir
+from vllm_aimer.outputs import write_plan_outputs
 from vllm_aimer.constraints import (Deployment, Gpu, Router, allowed_ratios, check_ratio,
                                    prune_count, ratio_text)
 from vllm_aimer.plan import Plan, make_plan
 from vllm_aimer.provenance import PROVENANCE_DIR, PROVENANCE_FILE, read_provenance
 from vllm_aimer.plan_formats import (FORMATS, WRITABLE_FORMATS, ascend_ratio, file_format,
                                      read_plan_file, write_plan_as)
-from vllm_aimer.report import human_bytes
 from vllm_aimer.scoring import DEVICES, score_checkpoint, scoring_device
+from vllm_aimer.units import human_bytes
+
+__all__ = ["main", "build_parser", "build_convert_parser"]
 
 
 def _router(layout: ExpertLayout) -> Router:
@@ -291,7 +294,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     """Size a model against N GPUs from headers or config.json alone (reads no weights)."""
-    from vllm_aimer.fit import fit_options, load_model_facts, plan_fit, render_fit
+    from vllm_aimer.fit import fit_json, fit_options, load_model_facts, plan_fit, render_fit
 
     # Values arrive as strings and are checked by fit_options: one-line errors.
     opts = fit_options(gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib,
@@ -301,11 +304,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
                        ratio=args.ratio, expert_parallel=args.expert_parallel, gpu=args.gpu)
     facts, model_dir = load_model_facts(args.model)
     report = plan_fit(facts, opts, model_dir)
-    print(json.dumps(report.to_json(), indent=1) if args.json else render_fit(report))
+    print(json.dumps(fit_json(report), indent=1) if args.json else render_fit(report))
     return report.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `vllm-aimer` parser: one subcommand each, its handler in `func`."""
     parser = argparse.ArgumentParser(
         prog="vllm-aimer",
         description="Calibration-free AIMER expert pruning for vLLM: score, plan, inspect, eval.")
@@ -439,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_convert_parser() -> argparse.ArgumentParser:
+    """The parser of `vllm-aimer plan convert` (its arguments follow those two words)."""
     p = argparse.ArgumentParser(
         prog="vllm-aimer plan convert",
         description="Convert a plan file between formats, checked against the checkpoint it "
@@ -453,6 +458,18 @@ def build_convert_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `vllm-aimer` command (the console script).
+
+    Args:
+        argv: the arguments after the program name; None for sys.argv[1:].
+
+    Returns:
+        The exit status: 0 on success, 2 after printing an AimerError as one
+        `vllm-aimer: error: ...` line on stderr, `fit`'s own status for `fit`.
+
+    Raises:
+        SystemExit: argparse rejected the arguments or printed help.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["plan", "convert"]:
         # `plan MODEL PLAN` keeps its positional form; `plan convert` is routed here

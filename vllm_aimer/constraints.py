@@ -32,7 +32,7 @@ from vllm_aimer.errors import AimerError
 
 __all__ = ["Gpu", "Router", "Deployment", "check_ratio", "problems", "allowed_prune_counts",
            "allowed_ratios", "nearest_ratios", "check_prune_count", "prune_count",
-           "ratio_text"]
+           "ratio_text", "ANYWHERE"]
 
 
 class Gpu(str, Enum):

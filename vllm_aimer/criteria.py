@@ -37,12 +37,26 @@ from vllm_aimer.layout import ExpertLayout
 from vllm_aimer.plan import Plan, make_plan
 from vllm_aimer.scoring import ScoringResult, score_checkpoint
 
+__all__ = ["CRITERIA", "DEFAULT_SEED", "check_criteria", "random_scores", "criterion_scores",
+           "criterion_plan"]
+
 CRITERIA: tuple[str, ...] = ("aimer", "magnitude", "random")
 DEFAULT_SEED = 0
 
 
 def check_criteria(names: str | Iterable[str]) -> list[str]:
-    """Parse `aimer,magnitude,...` (or a list): known names, in order, without repeats."""
+    """Parse `aimer,magnitude,...` (or a list): known names, in order, without repeats.
+
+    Args:
+        names: comma-separated names, or an iterable of names (case and surrounding
+            spaces ignored, empty items skipped).
+
+    Returns:
+        The names, lower-cased, first occurrence first.
+
+    Raises:
+        AimerError: a name is not in CRITERIA, or no name is left.
+    """
     items = names.split(",") if isinstance(names, str) else list(names)
     out: list[str] = []
     for raw in items:
@@ -74,7 +88,26 @@ def criterion_scores(criterion: str, ckpt: Checkpoint, layout: ExpertLayout,
                      progress: bool = True) -> dict[int, list[float]]:
     """Per MoE layer, each expert's score under `criterion`. AIMER and magnitude come
     from one pass over the expert weights (pass `scored` to reuse one); random reads
-    no weights."""
+    no weights.
+
+    Args:
+        criterion: one name of CRITERIA.
+        ckpt: the checkpoint `layout` was built from.
+        layout: its expert layout (built with scoring, unless `scored` is given or the
+            criterion is random).
+        seed: the random criterion's seed.
+        scored: a `score_checkpoint` result to reuse instead of scoring again.
+        progress: show a progress bar while scoring.
+
+    Returns:
+        {layer: one score per expert}: the layers `scored` covers (every MoE layer, MTP
+        included, when scored here); the trunk MoE layers for random.
+
+    Raises:
+        AimerError: `criterion` is unknown.
+        RuntimeError: scoring is needed but `layout` was built with scoring=False for
+            an encoding no scorer decodes.
+    """
     check_criteria([criterion])
     if criterion == "random":
         return random_scores(layout.layers, layout.num_experts, seed)
@@ -89,6 +122,15 @@ def criterion_scores(criterion: str, ckpt: Checkpoint, layout: ExpertLayout,
 def criterion_plan(criterion: str, ckpt: Checkpoint, layout: ExpertLayout, ratio: float,
                    seed: int = DEFAULT_SEED, scored: ScoringResult | None = None,
                    progress: bool = True) -> Plan:
-    """The uniform plan that `criterion` gives at `ratio` (scores kept in the plan)."""
+    """The uniform plan that `criterion` gives at `ratio` (scores kept in the plan).
+
+    Args:
+        ratio: the share of routed experts to prune.
+        criterion, ckpt, layout, seed, scored, progress: as for `criterion_scores`.
+
+    Raises:
+        AimerError: `criterion` is unknown, or `ratio` is outside [0, 1) or prunes a
+            count the router does not allow.
+    """
     scores = criterion_scores(criterion, ckpt, layout, seed, scored, progress)
     return make_plan(layout, scores, ratio, ckpt.fingerprint, criterion=criterion)

@@ -8,7 +8,9 @@ import textwrap
 import time
 from pathlib import Path
 
-from vllm_aimer.server import ServerProcess
+from vllm_aimer.testing.server import ServerProcess
+
+__all__ = ["DEMO_MODEL", "run_demo"]
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 """The embedded default: a 4-layer, 16-expert, top-2 Qwen3-MoE trained by
@@ -24,6 +26,22 @@ def _say(title: str, body: str = "") -> None:
 
 def run_demo(workdir: Path, ratio: float = 0.5, model: Path | None = None,
              extra_args: list[str] | None = None) -> int:
+    """Serve a model pruned at load, query it and print what happens (`vllm-aimer demo`).
+
+    Args:
+        workdir: where the plan files and the server's log go (`plan/` is replaced).
+        ratio: the prune ratio passed as `prune_ratio`.
+        model: the checkpoint to serve; None for the embedded DEMO_MODEL.
+        extra_args: more `vllm serve` arguments.
+
+    Returns:
+        0 (the server is stopped before returning).
+
+    Raises:
+        RuntimeError: the server exited before it was ready (the log's tail is in the
+            message).
+        TimeoutError: the server was not ready within 300 s.
+    """
     from openai import OpenAI
 
     workdir = workdir.resolve()

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 
 from vllm_aimer.errors import AimerError
 
+__all__ = ["DTYPE_BITS", "FLOAT_DTYPES", "FP8_DTYPES", "dtype_bits", "tensor_bytes"]
+
 DTYPE_BITS: Mapping[str, int] = {
     "BOOL": 8, "U8": 8, "I8": 8, "U16": 16, "I16": 16, "U32": 32, "I32": 32,
     "U64": 64, "I64": 64, "F16": 16, "BF16": 16, "F32": 32, "F64": 64, "C64": 64,
@@ -26,7 +28,15 @@ FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2"})
 
 
 def dtype_bits(dtype: str, name: str = "") -> int:
-    """Bits of one element of `dtype`; an AimerError for a dtype not in the table."""
+    """Bits of one element of `dtype`.
+
+    Args:
+        dtype: a safetensors dtype name, e.g. "BF16".
+        name: the tensor's name, quoted in the error.
+
+    Raises:
+        AimerError: `dtype` is not in DTYPE_BITS.
+    """
     bits = DTYPE_BITS.get(dtype)
     if bits is None:
         where = f"tensor {name} has " if name else ""
@@ -38,7 +48,11 @@ def dtype_bits(dtype: str, name: str = "") -> int:
 
 
 def tensor_bytes(dtype: str, shape: Sequence[int], name: str = "") -> int:
-    """Bytes a tensor takes on disk (sub-byte dtypes are packed, rounded up)."""
+    """Bytes a tensor takes on disk (sub-byte dtypes are packed, rounded up).
+
+    Raises:
+        AimerError: `dtype` is not in DTYPE_BITS (`name` is quoted).
+    """
     numel = 1
     for d in shape:
         numel *= d

@@ -14,6 +14,8 @@ from typing import Any
 
 from vllm_aimer.errors import AimerError
 
+__all__ = ["FORMATS", "load_documents"]
+
 FORMATS = "a .txt file (one document per line) or a .jsonl file with a \"text\" field (or " \
           "OpenAI completion/chat request bodies)"
 
@@ -47,7 +49,19 @@ def _texts_of(obj: Any) -> list[str] | None:
 
 
 def load_documents(path: str | Path, limit: int | None = None) -> list[str]:
-    """The non-empty documents of `path` (the first `limit` of them)."""
+    """The non-empty documents of `path` (the first `limit` of them).
+
+    Args:
+        path: a .txt or .jsonl file (the suffix decides the format; see above).
+        limit: keep only the first `limit` documents; None for all.
+
+    Returns:
+        The documents, in file order.
+
+    Raises:
+        AimerError: the file is missing, a directory, not .txt/.jsonl or not UTF-8
+            text; a .jsonl line is not JSON or has no text; or no document is left.
+    """
     p = Path(path)
     if not p.is_file():
         what = "is a directory" if p.is_dir() else "does not exist"

@@ -17,8 +17,22 @@ import sys
 import time
 from pathlib import Path
 
+__all__ = ["main"]
+
 
 def main(spec_path: str) -> int:
+    """Run one engine on the spec's documents and write its result file.
+
+    Args:
+        spec_path: the SPEC JSON file described above.
+
+    Returns:
+        0 once the result is written (atomically, through a `.tmp` file).
+
+    Raises:
+        KeyError: the spec lacks "model", "extra", "documents" or "result".
+        OSError: the spec, the documents or the result cannot be read or written.
+    """
     spec = json.loads(Path(spec_path).read_text())
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # The engine core in this process: the same engine code, ~20 s sooner to start.

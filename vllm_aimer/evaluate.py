@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -27,17 +26,22 @@ from pathlib import Path
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from vllm_aimer.channel import engine_env
 from vllm_aimer.checkpoint import Checkpoint, open_checkpoint
 from vllm_aimer.criteria import DEFAULT_SEED, check_criteria, criterion_scores
 from vllm_aimer.errors import AimerError
 from vllm_aimer.eval_data import load_documents
 from vllm_aimer.layout import ExpertLayout, expert_layout
-from vllm_aimer.outputs import atomic_write_text, ensure_writable_dir, write_plan_outputs
+from vllm_aimer.files import atomic_write_text, ensure_writable_dir
+from vllm_aimer.outputs import write_plan_outputs
 from vllm_aimer.constraints import Router, check_ratio, prune_count
 from vllm_aimer.plan import PLAN_FILE, Plan, make_plan
-from vllm_aimer.report import human_bytes
 from vllm_aimer.scoring import ScoringResult, score_checkpoint
-from vllm_aimer.server import short_tmpdir
+from vllm_aimer.units import human_bytes
+
+__all__ = ["EVAL_FILE", "CSV_FILE", "PNG_FILE", "DENSE", "DEFAULT_RATIOS", "CSV_COLUMNS",
+           "EvalRun", "EvalReport", "RunSpec", "parse_ratios", "run_specs", "weight_bytes",
+           "eval_csv", "render_table", "run_eval"]
 
 EVAL_FILE, CSV_FILE, PNG_FILE = "eval.json", "eval.csv", "eval.png"
 DENSE = "dense"
@@ -47,6 +51,7 @@ CSV_COLUMNS = ["criterion", "ratio", "experts", "kept_experts", "tokens", "nll_m
 
 
 class EvalRun(BaseModel):
+    """One engine's measurements: a row of eval.json and eval.csv."""
     criterion: str
     """A pruning criterion, or "dense" for ratio 0 (shared by all criteria)."""
     ratio: float
@@ -56,6 +61,7 @@ class EvalRun(BaseModel):
     tokens: int
     """Predicted tokens: every document token after the first."""
     nll_mean: float
+    """Mean negative log-likelihood per predicted token (nats)."""
     perplexity: float
     """exp(total NLL / total predicted tokens)."""
     top1_agreement_vs_dense: float
@@ -67,31 +73,48 @@ class EvalRun(BaseModel):
 
 
 class EvalReport(BaseModel):
+    """eval.json: the inputs of a sweep and its runs (dense first, then by ratio)."""
     model: str
+    """The checkpoint directory, resolved."""
     data: str
+    """The documents file, resolved."""
     data_sha256: str = ""
     documents: int = 0
+    """Documents used (after --limit)."""
     seed: int = DEFAULT_SEED
     max_model_len: int | None = None
     runs: list[EvalRun] = []
 
     def run(self, criterion: str, ratio: float) -> EvalRun | None:
+        """The run of `criterion` at `ratio` (compared with math.isclose), or None."""
         return next((r for r in self.runs if r.criterion == criterion
                      and math.isclose(r.ratio, ratio)), None)
 
 
 @dataclass(frozen=True)
 class RunSpec:
+    """One engine run to do: a criterion at a ratio, or DENSE at 0."""
     criterion: str
     ratio: float
 
     @property
     def name(self) -> str:
+        """The run's file and log name: "dense", or "<criterion>-<ratio>"."""
         return DENSE if self.criterion == DENSE else f"{self.criterion}-{self.ratio:g}"
 
 
 def parse_ratios(text: str | Sequence[float]) -> list[float]:
-    """`0,0.25,0.5` -> [0.0, 0.25, 0.5]: each in [0, 1), sorted, without repeats."""
+    """`0,0.25,0.5` -> [0.0, 0.25, 0.5]: each in [0, 1), sorted, without repeats.
+
+    Args:
+        text: comma-separated ratios (empty items skipped), or a sequence of numbers.
+
+    Returns:
+        The ratios, ascending.
+
+    Raises:
+        AimerError: an item is not a number or is outside [0, 1), or none is given.
+    """
     items = text.split(",") if isinstance(text, str) else list(text)
     ratios: list[float] = []
     for raw in items:
@@ -160,6 +183,7 @@ def _load_existing(path: Path, fresh: EvalReport) -> EvalReport:
 
 
 def eval_csv(report: EvalReport) -> str:
+    """eval.csv's text: a CSV_COLUMNS header, then a row per run."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
@@ -197,9 +221,7 @@ def _run_engine(model: str, extra: dict, out: Path, spec: RunSpec, max_model_len
                                      "result": str(result)}))
     log_path = out / "logs" / f"{spec.name}.log"
     # Each engine gets its own temp dir (vLLM leaves sockets there) and loader state.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("AIMER_STATE_DIR", "PROMETHEUS_MULTIPROC_DIR")}
-    env["TMPDIR"] = short_tmpdir()
+    env = engine_env()
     try:
         with open(log_path, "wb") as log:
             proc = subprocess.run([sys.executable, "-m", "vllm_aimer.eval_worker",
@@ -243,6 +265,35 @@ def run_eval(model: str | Path, data: str | Path, output: str | Path,
              max_model_len: int | None = None, limit: int | None = None,
              seed: int = DEFAULT_SEED, dtype: str = "auto", progress: bool = True,
              plot: bool = True) -> EvalReport:
+    """Measure perplexity and top-1 agreement with the dense model at each ratio and
+    criterion, one vLLM engine per run. Writes eval.json, eval.csv and eval.png (with
+    plans/, runs/ and logs/) to `output` after every run, and resumes from an eval.json
+    found there.
+
+    Args:
+        model: a local checkpoint directory.
+        data: the documents (see vllm_aimer.eval_data).
+        output: the output directory (created if needed).
+        ratios: comma-separated or a sequence, each in [0, 1); the dense run (ratio 0)
+            is always done.
+        criteria: comma-separated or a sequence of CRITERIA names.
+        max_model_len: the engines' max_model_len (longer documents are cut to fit);
+            None for the model's.
+        limit: use only the first `limit` documents.
+        seed: the random criterion's seed.
+        dtype: vLLM's --dtype ("auto": float32 on a CPU).
+        progress: show a progress bar.
+        plot: also write eval.png.
+
+    Returns:
+        The report, as written to eval.json.
+
+    Raises:
+        AimerError: an input is invalid (criteria, ratios, a ratio the router does not
+            allow, limit < 1, max_model_len < 2, the documents, the checkpoint), the
+            output directory is not writable, its eval.json was made with other inputs,
+            an engine fails (the end of its log is quoted) or no document has two tokens.
+    """
     # Everything the user typed is checked before the first (slow) engine starts.
     names = check_criteria(criteria)
     wanted = parse_ratios(ratios)

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from vllm_aimer import __version__
-from vllm_aimer.architectures import Architecture
+from vllm_aimer.architectures import TensorNames
 from vllm_aimer.checkpoint import INDEX_NAME, Checkpoint, TensorInfo
 from vllm_aimer.dtypes import dtype_bits
 from vllm_aimer.errors import AimerError
@@ -44,7 +44,8 @@ from vllm_aimer.scoring import score_checkpoint
 from vllm_aimer.weights import PlanMap, PrunedWeights
 
 __all__ = ["export_checkpoint", "parse_size", "check_output_dir", "read_provenance",
-           "ExportResult", "PROVENANCE_DIR", "PROVENANCE_FILE"]
+           "ExportResult", "PROVENANCE_DIR", "PROVENANCE_FILE", "export_plan",
+           "pruned_config", "READ_WINDOW"]
 
 EXPORT_FORMAT = "vllm-aimer.export/v1"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -174,20 +175,15 @@ def _layout_shard(file: str, specs: list[_Spec], metadata: Mapping[str, str]) ->
 
 # --------------------------------------------------------------------------- config
 
-def _expert_module_re(arch: Architecture) -> re.Pattern[str]:
-    """A per-expert module or tensor name (`...layers.N.mlp.experts.E[.rest]`)."""
-    return re.compile(rf"^(?P<head>(?:.*\.)?{arch.moe_block}\.experts\.)(?P<expert>\d+)"
-                      rf"(?P<tail>(?:\..*)?)$")
-
-
-def _rename_module(name: str, arch: Architecture, pmap: PlanMap,
+def _rename_module(name: str, names: TensorNames, pmap: PlanMap,
                    where: str) -> tuple[bool, str | None]:
     """(whether `name` names one routed expert of a planned layer, its new name or None
     when pruned). Patterns ("re:...", globs) naming a specific expert are refused."""
-    m = _expert_module_re(arch).match(name)
-    if m and int(m["layer"]) in pmap.kept:
-        new = pmap.new_id[int(m["layer"])].get(int(m["expert"]))
-        return True, (None if new is None else f"{m['head']}{new}{m['tail']}")
+    hit = names.match_expert_module(name)
+    if hit is not None and hit[0] in pmap.kept:
+        layer, expert, head, tail = hit
+        new = pmap.new_id[layer].get(expert)
+        return True, (None if new is None else f"{head}{new}{tail}")
     if re.search(r"experts\\?\.\d", name) and re.search(r"[*+?\[\]()|^$\\]|^re:", name):
         raise AimerError(
             f"{where} holds the pattern {name!r}, which names routed experts by id; "
@@ -196,7 +192,7 @@ def _rename_module(name: str, arch: Architecture, pmap: PlanMap,
     return False, None
 
 
-def _rewrite_modules(value: Any, arch: Architecture, pmap: PlanMap, where: str) -> Any:
+def _rewrite_modules(value: Any, names: TensorNames, pmap: PlanMap, where: str) -> Any:
     """Per-expert module names anywhere in a quantization config (lists such as
     modules_to_not_convert / ignore, or dict keys) renamed to the kept ids; pruned
     experts' entries dropped."""
@@ -204,20 +200,21 @@ def _rewrite_modules(value: Any, arch: Architecture, pmap: PlanMap, where: str) 
         out = []
         for item in value:
             if isinstance(item, str):
-                hit, new = _rename_module(item, arch, pmap, where)
+                hit, new = _rename_module(item, names, pmap, where)
                 if hit and new is None:
                     continue
                 out.append(new if hit else item)
             else:
-                out.append(_rewrite_modules(item, arch, pmap, where))
+                out.append(_rewrite_modules(item, names, pmap, where))
         return out
     if isinstance(value, dict):
         out_d = {}
         for key, item in value.items():
-            hit, new = _rename_module(key, arch, pmap, where) if isinstance(key, str) else (False, None)
+            hit, new = (_rename_module(key, names, pmap, where) if isinstance(key, str)
+                        else (False, None))
             if hit and new is None:
                 continue
-            out_d[new if hit else key] = _rewrite_modules(item, arch, pmap, where)
+            out_d[new if hit else key] = _rewrite_modules(item, names, pmap, where)
         return out_d
     return value
 
@@ -241,7 +238,8 @@ def pruned_config(config: Mapping[str, Any], layout: ExpertLayout, plan: Plan,
     for holder in (out, text or {}):
         if isinstance(holder.get("quantization_config"), dict):
             holder["quantization_config"] = _rewrite_modules(
-                holder["quantization_config"], layout.arch, pmap, "config.json quantization_config")
+                holder["quantization_config"], layout.arch.names, pmap,
+                "config.json quantization_config")
     return out
 
 

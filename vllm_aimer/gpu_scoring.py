@@ -33,6 +33,8 @@ from vllm_aimer.encodings.reduce import RUN
 from vllm_aimer.layout import ScoredTensor
 from vllm_aimer.shards import Shards
 
+__all__ = ["BUFFER_BYTES", "device_sums"]
+
 BUFFER_BYTES = 64 << 20
 _TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
           "F64": torch.float64}
@@ -68,7 +70,19 @@ def device_sums(shards: Shards, items: Sequence[tuple[ScoredTensor, int]], devic
                 threads: int, buffer_bytes: int = BUFFER_BYTES) -> list[list[Sums]]:
     """Per item (a plain-float projection and the layer's expert count), the Sums of
     each expert it holds, reduced on `device` ("cpu" runs the same packing and
-    arithmetic without pinned memory or streams: how it is tested without a GPU)."""
+    arithmetic without pinned memory or streams: how it is tested without a GPU).
+
+    Args:
+        shards: the open shards the tensors are read from.
+        items: (scored tensor, the layer's expert count) per projection; a fused tensor
+            (`expert` None) is split evenly into that many experts on dim 0.
+        device: a torch device string: "cuda", "cuda:N" or "cpu".
+        threads: threads copying bytes into the staging buffers.
+        buffer_bytes: the size of each staging buffer.
+
+    Returns:
+        Per item, in order, one Sums per expert it holds (one for a per-expert tensor).
+    """
     segments: list[_Segment] = []
     for i, (st, experts) in enumerate(items):
         numel = st.info.numel

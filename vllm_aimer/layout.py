@@ -16,6 +16,9 @@ from vllm_aimer.encodings import FUSED_SUFFIXES, Projection, QuantConfig, Scorer
 from vllm_aimer.encodings.base import quant_config
 from vllm_aimer.errors import AimerError
 
+__all__ = ["ScoredTensor", "ExpertLayout", "expert_layout", "trunk_layer_count",
+           "split_mtp_layers", "expert_groups"]
+
 
 @dataclass(frozen=True)
 class ScoredTensor:
@@ -26,13 +29,18 @@ class ScoredTensor:
     scorer: Scorer
     """Adds the projection's sums of |w| and w^2 (its encoding's decoder)."""
     encoding: str
+    """The name of its `Encoding`."""
 
 
 @dataclass(frozen=True)
 class ExpertLayout:
+    """A checkpoint's routed experts: the family, the router's shape, the MoE layers and
+    the tensors scoring reads (from `expert_layout`)."""
     arch: Architecture
     num_experts: int
+    """Routed experts per MoE layer in the checkpoint."""
     top_k: int
+    """Experts each token is routed to."""
     layers: tuple[int, ...]
     """Indices of the MoE layers, ascending."""
     scored: dict[int, list[ScoredTensor]]
@@ -58,6 +66,7 @@ class ExpertLayout:
 
     @property
     def total_experts(self) -> int:
+        """Routed experts of the trunk MoE layers (MTP layers not counted)."""
         return self.num_experts * len(self.layers)
 
     @property
@@ -67,6 +76,7 @@ class ExpertLayout:
 
     @property
     def scorable(self) -> bool:
+        """Whether every projection has a decoder (see `unscorable`)."""
         return self.unscorable is None
 
 
@@ -80,6 +90,22 @@ def expert_layout(ckpt: Checkpoint, scoring: bool = True) -> ExpertLayout:
     naming the format otherwise); scoring=False (a plan file, ratio 0, inspect, fit)
     records why scoring would fail instead, since renaming and slicing do not depend
     on the encoding.
+
+    Args:
+        ckpt: an opened checkpoint.
+        scoring: require a scorer for every projection (see above).
+
+    Returns:
+        The layout; its `unscorable` says why scoring would fail (scoring=False only).
+
+    Raises:
+        AimerError: the family is not supported; config.json lacks the expert count or
+            top_k, or has expert groups that do not divide the experts; a tensor under
+            the experts cannot be placed, names an expert or projection the config does
+            not have, or a fused one lacks the experts on dim 0; an expert lacks a
+            gate/up/down projection; no routed-expert tensors are found; expert
+            tensors sit in layers beyond the trunk and its MTP layers; or (scoring=True)
+            a projection is in an encoding vllm-aimer cannot decode.
     """
     arch = architecture_for(ckpt.config)
     num_experts = config_value(ckpt.config, arch.expert_count_keys, "routed expert count")
@@ -94,7 +120,7 @@ def expert_layout(ckpt: Checkpoint, scoring: bool = True) -> ExpertLayout:
     expert_bytes: dict[int, list[int]] = defaultdict(lambda: [0] * num_experts)
 
     for info in ckpt.tensors.values():
-        hit = arch.match_expert(info.name, mtp_base)
+        hit = arch.names.match_expert(info.name, mtp_base)
         if hit is not None:
             layer, expert, proj = hit
             if expert >= num_experts:
@@ -102,25 +128,25 @@ def expert_layout(ckpt: Checkpoint, scoring: bool = True) -> ExpertLayout:
                     f"tensor {info.name} names expert {expert} but config.json says there are "
                     f"{num_experts} routed experts per layer.",
                     "the checkpoint and its config.json disagree; re-download the checkpoint.")
-            if proj not in arch.projections:
+            if proj not in arch.names.projections:
                 raise AimerError(
                     f"expert tensor {info.name}: {proj!r} is not a projection of a "
-                    f"{arch.family} expert (known: {', '.join(arch.projections) or 'none, experts are fused'}).",
+                    f"{arch.family} expert (known: {', '.join(arch.names.projections) or 'none, experts are fused'}).",
                     "use the checkpoint as released for this family.")
-            suffix = arch.expert_suffix(info.name)
+            suffix = arch.names.expert_suffix(info.name)
             per_expert[(layer, expert, proj)][suffix] = info
             modules[(layer, expert, proj)] = info.name[: len(info.name) - len(suffix) - 1]
             expert_bytes[layer][expert] += info.nbytes
             continue
-        hit_fused = arch.match_fused(info.name, mtp_base)
+        hit_fused = arch.names.match_fused(info.name, mtp_base)
         if hit_fused is not None:
             layer, rest = hit_fused
-            split = arch.split_fused(rest, FUSED_SUFFIXES)
+            split = arch.names.split_fused(rest, FUSED_SUFFIXES)
             if split is None:
                 raise AimerError(
                     f"tensor {info.name} sits under the routed experts but is neither a "
                     f"per-expert tensor (`experts.<id>.<proj>.*`) nor a fused "
-                    f"{'/'.join(arch.fused_projections) or '(none)'} tensor with a known suffix "
+                    f"{'/'.join(arch.names.fused_projections) or '(none)'} tensor with a known suffix "
                     f"({', '.join(repr(s) for s in sorted(FUSED_SUFFIXES))}); vllm-aimer will not "
                     "hand vLLM a tensor with rows of pruned experts.",
                     "use the checkpoint in its released layout (per-expert or Hugging Face "
@@ -164,13 +190,13 @@ def expert_layout(ckpt: Checkpoint, scoring: bool = True) -> ExpertLayout:
 
     for key, tensors in per_expert.items():
         layer, expert, proj = key
-        roles[(layer, expert)].add(arch.projections[proj])
+        roles[(layer, expert)].add(arch.names.projections[proj])
         place(key, tensors, expert)
     for key, tensors in fused.items():
         layer, proj = key
-        if not arch.fused_projections[proj]:
+        if not arch.names.fused_projections[proj]:
             continue
-        fused_roles[layer].update(arch.fused_projections[proj])
+        fused_roles[layer].update(arch.names.fused_projections[proj])
         if set(tensors) <= {"_bias"}:
             continue  # a bias alone (its weight is elsewhere): sliced, not scored
         place(key, {s: t for s, t in tensors.items()}, None)
@@ -192,7 +218,8 @@ def expert_layout(ckpt: Checkpoint, scoring: bool = True) -> ExpertLayout:
 
 
 def trunk_layer_count(config) -> int | None:
-    """num_hidden_layers of the (text) config: where MTP layers start."""
+    """num_hidden_layers of the (text) config: where MTP layers start; None when it has
+    no int num_hidden_layers."""
     value = text_config(config).get("num_hidden_layers")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -201,7 +228,21 @@ def split_mtp_layers(config, arch: Architecture,
                      found: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(trunk, MTP) layer indices. MTP layers follow the trunk at num_hidden_layers..
     (DeepSeek-V3, GLM-4.5: `num_nextn_predict_layers`); an expert tensor at any other
-    index beyond the trunk means the config does not describe the checkpoint."""
+    index beyond the trunk means the config does not describe the checkpoint.
+
+    Args:
+        config: config.json as a dict.
+        arch: its family's entry.
+        found: the layer indices holding routed-expert tensors, ascending.
+
+    Returns:
+        (trunk layers, MTP layers); all of `found` is trunk when the config has no
+        num_hidden_layers.
+
+    Raises:
+        AimerError: a layer is beyond num_hidden_layers plus the config's MTP layer
+            count (families without their own MTP prefix).
+    """
     cfg = text_config(config)
     trunk_count = trunk_layer_count(config)
     if trunk_count is None:
@@ -211,7 +252,7 @@ def split_mtp_layers(config, arch: Architecture,
     trunk = tuple(i for i in found if i < trunk_count)
     mtp = tuple(i for i in found if i >= trunk_count)
     # A family with its own MTP prefix (`mtp.layers.{i}`) names its MTP layers itself.
-    stray = [] if arch.mtp_prefix else [i for i in mtp if i >= trunk_count + mtp_count]
+    stray = [] if arch.names.mtp_prefix else [i for i in mtp if i >= trunk_count + mtp_count]
     if stray:
         keys = "/".join(arch.mtp_layer_keys) or "no multi-token-prediction layers"
         raise AimerError(
@@ -223,7 +264,13 @@ def split_mtp_layers(config, arch: Architecture,
 
 
 def expert_groups(config, arch: Architecture, num_experts: int) -> tuple[int, int]:
-    """(n_group, topk_group) of a group-limited router; (1, 1) for a plain one."""
+    """(n_group, topk_group) of a group-limited router; (1, 1) for a plain one.
+
+    topk_group defaults to n_group when the config names no value for it.
+
+    Raises:
+        AimerError: `num_experts` is not a multiple of n_group.
+    """
     if not arch.group_count_keys:
         return 1, 1
     cfg = text_config(config)

@@ -12,6 +12,8 @@ import sys
 import types
 from typing import Any
 
+__all__ = ["LazyModule", "imported", "torch"]
+
 
 class LazyModule(types.ModuleType):
     """Stands for a module until an attribute is read, then forwards to it."""

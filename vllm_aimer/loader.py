@@ -20,7 +20,9 @@ import copy
 import os
 import time
 from collections.abc import Generator, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -30,23 +32,28 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
 
+from vllm_aimer.channel import rank, write_error, write_report
 from vllm_aimer.checkpoint import Checkpoint, open_checkpoint
 from vllm_aimer.constraints import Deployment, Gpu, Router, check_prune_count, prune_count
 from vllm_aimer.errors import AimerError
+from vllm_aimer.files import ensure_writable_dir
 from vllm_aimer.layout import ExpertLayout, expert_layout
 from vllm_aimer.metrics import publish
 from vllm_aimer.options import AimerOptions, parse_options
-from vllm_aimer.outputs import ensure_writable_dir, write_plan_outputs
+from vllm_aimer.outputs import write_plan_outputs
 from vllm_aimer.plan import Plan, conform, identity_plan, make_plan, with_mtp_layers
-from vllm_aimer.plan_formats import read_plan_file
 from vllm_aimer.plan_cache import cached_plan, default_cache_dir
-from vllm_aimer.report import PruningReport, human_bytes, rank as _rank, write_error, write_report
+from vllm_aimer.plan_formats import read_plan_file
+from vllm_aimer.plugin import LOAD_FORMAT
+from vllm_aimer.report import PruningReport, ReportSource
 from vllm_aimer.scoring import ScoringResult, score_checkpoint, scoring_device
-from vllm_aimer.weights import PlanMap, PrunedWeights
+from vllm_aimer.units import human_bytes
+from vllm_aimer.weights import LoadStats, PlanMap, PrunedWeights
+
+__all__ = ["AimerModelLoader", "PlanDecision", "PlanSource", "TRACE_READS_ENV"]
 
 logger = init_logger("vllm.aimer")
 
-LOAD_FORMAT = "aimer"
 # Weight-transfer backends (RL weight sync) that hand every chunk to the model's
 # `load_weights` (vllm/distributed/weight_transfer/{nccl,ipc}_engine.py), where the
 # plan is applied; the others may write into parameters directly.
@@ -54,17 +61,39 @@ PLAN_AWARE_TRANSFER_BACKENDS = ("nccl", "ipc")
 # A conservative reading speed for the start-up estimate: scoring read 1.1-2.3 GB/s
 # from a cold page cache on a shared 2-core machine here (benchmarks/results/scoring.json).
 ESTIMATE_BYTES_PER_S = 0.5e9
+TRACE_READS_ENV = "AIMER_TRACE_READS"
+"""Set to 1, the report lists every checkpoint tensor read (the tests' proof that no
+pruned tensor was)."""
 
 # Plans this process used, by checkpoint fingerprint: a draft model that shares the
 # target's checkpoint (MTP) loads in the same worker right after the target, and must
 # prune exactly what the target pruned.
 _PLANS: dict[str, Plan] = {}
 
+PlanSource = Literal[ReportSource, "target"]
+"""Where a plan came from: scored now, the plan cache, the user's plan file (what the
+report names), or the target model's plan (an MTP draft sharing its checkpoint, which
+writes no report)."""
+
+
+@dataclass(frozen=True)
+class PlanDecision:
+    """The outcome of deciding the plan."""
+    plan: Plan
+    source: PlanSource
+    seconds: float
+    """Time spent scoring experts for it (0 when nothing was scored)."""
+
 
 class AimerModelLoader(DefaultModelLoader):
-    """DefaultModelLoader reading safetensors, with AIMER pruning applied."""
+    """DefaultModelLoader reading safetensors, with AIMER pruning applied.
+
+    `load_model` runs in named phases: open the checkpoint, decide the plan, rewrite
+    the config, stream the pruned weights into the model vLLM builds, report.
+    """
 
     def __init__(self, load_config: LoadConfig) -> None:
+        """Raises AimerError (also recorded for the top process) on bad options."""
         try:
             self.options: AimerOptions = parse_options(load_config.model_loader_extra_config)
         except AimerError as e:
@@ -80,6 +109,13 @@ class AimerModelLoader(DefaultModelLoader):
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig,
                    prefix: str = "") -> nn.Module:
+        """vLLM's entry point: the model, built with the kept expert count and loaded
+        with the pruned weights.
+
+        Raises:
+            AimerError: a refused input or deployment, before any weight is read
+                (also recorded, so that `vllm serve` ends with it).
+        """
         if _is_separate_draft(vllm_config, model_config):
             # An EAGLE head or draft model of its own: not ours to prune.
             logger.info("vllm-aimer: draft model %s has its own checkpoint; loading it "
@@ -95,107 +131,115 @@ class AimerModelLoader(DefaultModelLoader):
     def _load_model(self, vllm_config: VllmConfig, model_config: ModelConfig,
                     prefix: str) -> nn.Module:
         is_draft = model_config.runner_type == "draft"
-        folder = model_config.model
-        if not os.path.isdir(folder):  # a hub id: vLLM downloads it (safetensors) as usual
-            folder, _, _, _ = self._prepare_weights(folder, None, model_config.revision,
-                                                    False, None)
-        ckpt = open_checkpoint(folder)
-        # A plan file (or ratio 0) needs no scores: any encoding the stream can rename
-        # or slice loads; scoring needs a decoder for every expert projection.
-        needs_scores = self.options.plan is None and bool(self.options.prune_ratio)
-        layout = expert_layout(ckpt, scoring=needs_scores)
-        deployment = _deployment(vllm_config)
+        ckpt, layout = self._open_checkpoint(model_config)
         if self.options.plan is not None or self.options.prune_ratio:
             _refuse_unproven(vllm_config)
         plan_out = (ensure_writable_dir(self.options.plan_out, "plan_out")
                     if self.options.plan_out and not is_draft else None)
-        if is_draft and ckpt.fingerprint in _PLANS:
-            plan, source, seconds = _PLANS[ckpt.fingerprint], "target", 0.0
-        else:
-            plan, source, seconds = self._make_plan(ckpt, layout, deployment)
-        _check_ranks_agree(plan)
-        _PLANS[ckpt.fingerprint] = plan
-        if plan.total_pruned:
-            _set_expert_count(model_config, layout, plan.kept_per_layer)
-            self._weights = PrunedWeights(ckpt, layout, plan)
+        decision = self._decide_plan(vllm_config, ckpt, layout, is_draft)
+        plan = decision.plan
+        self._rewrite_config(model_config, layout, plan)
         written = (write_plan_outputs(plan, plan_out, model=model_config.model) if plan_out
                    else [])
-
-        model = super().load_model(vllm_config=vllm_config, model_config=model_config,
-                                   prefix=prefix)
-        if plan.total_pruned:
-            _prune_later_loads(model, PlanMap(layout, plan))
+        model = self._stream(vllm_config, model_config, prefix, ckpt, layout, plan)
         if is_draft:
             logger.info("vllm-aimer: draft model (shares the target's checkpoint) pruned "
                         "with the target's plan %s", plan.plan_hash)
             return model
-
-        report = PruningReport.build(
-            model_name=model_config.served_model_name or model_config.model,
-            plan=plan, layout=layout, source=source, scoring_seconds=seconds,
-            stats=self._weights.stats if self._weights else None,
-            expert_rows=_expert_rows(model), plan_files=[str(p) for p in written])
-        write_report(report)
-        if _rank() == 0:
-            publish(report)
-        logger.info("%s", report.summary())
+        self._report(model_config, model, layout, decision, written)
         return model
 
-    def _make_plan(self, ckpt: Checkpoint, layout: ExpertLayout,
-                   deployment: Deployment) -> tuple[Plan, str, float]:
-        if self.options.plan is not None:
-            # Any known plan format; prune_ratio only with vllm-ascend's ordered lists.
-            plan = read_plan_file(self.options.plan, layout, ckpt, self.options.prune_ratio)
-            check_prune_count(plan.router, plan.pruned_per_layer, f"plan {self.options.plan}",
-                              deployment)
-            seconds = 0.0
-            if layout.mtp_layers and not plan.mtp_layers and plan.total_pruned:
-                # The authors' format never names MTP layers: choose theirs by AIMER.
-                if not layout.scorable:
-                    raise AimerError(
-                        f"plan {self.options.plan} does not name the checkpoint's MTP "
-                        f"layers {list(layout.mtp_layers)}, and AIMER cannot score them in "
-                        f"this format ({layout.unscorable}).",
-                        "add the MTP layers' pruned ids to the plan (same count as the "
-                        "other layers).")
-                _log_estimate(layout, layout.mtp_layers, ckpt)
-                result = self._score(ckpt, layout, layout.mtp_layers)
-                plan, seconds = with_mtp_layers(plan, layout, result.scores), result.seconds
-            return plan, "plan_file", seconds
-        ratio = self.options.prune_ratio or 0.0
+    # ----------------------------------------------------------------- phase 1: open
+
+    def _open_checkpoint(self, model_config: ModelConfig) -> tuple[Checkpoint, ExpertLayout]:
+        """The checkpoint's headers and where its experts are (no tensor is read)."""
+        folder = model_config.model
+        if not os.path.isdir(folder):  # a hub id: vLLM downloads it (safetensors) as usual
+            folder, _, _, _ = self._prepare_weights(
+                model_name_or_path=folder, subfolder=None, revision=model_config.revision,
+                fall_back_to_pt=False, allow_patterns_overrides=None)
+        ckpt = open_checkpoint(folder)
+        # A plan file (or ratio 0) needs no scores: any encoding the stream can rename
+        # or slice loads; scoring needs a decoder for every expert projection.
+        needs_scores = self.options.plan is None and bool(self.options.prune_ratio)
+        return ckpt, expert_layout(ckpt, scoring=needs_scores)
+
+    # ----------------------------------------------------------------- phase 2: decide
+
+    def _decide_plan(self, vllm_config: VllmConfig, ckpt: Checkpoint, layout: ExpertLayout,
+                     is_draft: bool) -> PlanDecision:
+        """The plan every rank applies: the target's (an MTP draft), the plan file's,
+        ratio 0's identity, or AIMER's at the ratio (from the cache or scored now).
+        A kept count the deployment cannot serve is refused before any weight is read."""
+        deployment = _deployment(vllm_config)
+        if is_draft and ckpt.fingerprint in _PLANS:
+            decision = PlanDecision(_PLANS[ckpt.fingerprint], "target", 0.0)
+        elif self.options.plan is not None:
+            decision = self._plan_from_file(self.options.plan, ckpt, layout, deployment)
+        else:
+            decision = self._plan_from_ratio(self.options.prune_ratio or 0.0, ckpt, layout,
+                                             deployment)
+        _check_ranks_agree(decision.plan)
+        _PLANS[ckpt.fingerprint] = decision.plan
+        return decision
+
+    def _plan_from_file(self, path: str, ckpt: Checkpoint, layout: ExpertLayout,
+                        deployment: Deployment) -> PlanDecision:
+        # Any known plan format; prune_ratio only with vllm-ascend's ordered lists.
+        plan = read_plan_file(path, layout, ckpt, self.options.prune_ratio)
+        check_prune_count(plan.router, plan.pruned_per_layer, f"plan {path}", deployment)
+        if not (layout.mtp_layers and not plan.mtp_layers and plan.total_pruned):
+            return PlanDecision(plan, "plan_file", 0.0)
+        # The authors' format never names MTP layers: choose theirs by AIMER.
+        if not layout.scorable:
+            raise AimerError(
+                f"plan {path} does not name the checkpoint's MTP layers "
+                f"{list(layout.mtp_layers)}, and AIMER cannot score them in this format "
+                f"({layout.unscorable}).",
+                "add the MTP layers' pruned ids to the plan (same count as the other "
+                "layers).")
+        result = self._score(ckpt, layout, layout.mtp_layers)
+        return PlanDecision(with_mtp_layers(plan, layout, result.scores), "plan_file",
+                            result.seconds)
+
+    def _plan_from_ratio(self, ratio: float, ckpt: Checkpoint, layout: ExpertLayout,
+                         deployment: Deployment) -> PlanDecision:
         if ratio == 0.0:
-            return identity_plan(layout, ckpt.fingerprint), "score", 0.0
+            return PlanDecision(identity_plan(layout, ckpt.fingerprint), "score", 0.0)
         # Fails on a ratio the router, EP split or kernels cannot take, before any
         # weight is read.
         router = Router(layout.num_experts, layout.top_k, layout.n_group, layout.topk_group)
         prune_count(len(layout.layers), router, ratio, deployment)
-        seconds = 0.0
+        scored: list[ScoringResult] = []  # filled when the cache (or no cache) scores
 
         def score() -> Plan:
-            nonlocal seconds
-            _log_estimate(layout, layout.all_layers, ckpt)
             result = self._score(ckpt, layout, layout.all_layers)
-            seconds = result.seconds
+            scored.append(result)
             return make_plan(layout, result.scores, ratio, ckpt.fingerprint)
+
+        def scored_now(plan: Plan) -> PlanDecision:
+            return PlanDecision(plan, "score", sum(r.seconds for r in scored))
 
         cache = self.options.plan_cache
         if cache is False:
-            return score(), "score", seconds
+            return scored_now(score())
         cache_dir = default_cache_dir() if cache is True else Path(cache)
         try:
             plan, hit = cached_plan(cache_dir, ckpt.fingerprint, ratio, score)
         except OSError as e:  # e.g. a read-only home: pruning must not depend on the cache
             logger.warning("vllm-aimer: plan cache %s unusable (%s); scoring without it",
                            cache_dir, e)
-            return score(), "score", seconds
-        if hit:  # written by another version or rank: check it as strictly as a plan file
-            plan = conform(plan, layout, f"cached plan in {cache_dir}")
-        return plan, ("cache" if hit else "score"), seconds
+            return scored_now(score())
+        if not hit:
+            return scored_now(plan)
+        # Written by another version or rank: check it as strictly as a plan file.
+        return PlanDecision(conform(plan, layout, f"cached plan in {cache_dir}"), "cache", 0.0)
 
     def _score(self, ckpt: Checkpoint, layout: ExpertLayout,
-               layers: Iterable[int]) -> ScoringResult:
+               layers: tuple[int, ...]) -> ScoringResult:
         """Score `layers`, before vLLM allocates the model: on this worker's GPU when it
         has one (scoring_device auto), else on the CPU's threads."""
+        _log_estimate(layout, layers, ckpt)
         device, why = scoring_device(self.options.scoring_device)
         if device == "cpu":
             logger.info("vllm-aimer: scoring on the CPU (GPU scoring skipped: %s)", why)
@@ -205,20 +249,37 @@ class AimerModelLoader(DefaultModelLoader):
                     human_bytes(result.bytes_per_second), result.where())
         return result
 
-    def _load_threads(self) -> int:
-        """Reader threads for the pruned stream: vLLM's enable_multithread_load and
-        num_threads, as its DefaultModelLoader applies them (default 8 threads)."""
-        parent = self.options.parent
-        if not parent.get("enable_multithread_load"):
-            return 1
-        return int(parent.get("num_threads") or self.DEFAULT_NUM_THREADS)
+    # ----------------------------------------------------------------- phase 3: config
+
+    def _rewrite_config(self, model_config: ModelConfig, layout: ExpertLayout,
+                        plan: Plan) -> None:
+        """Make vLLM build every MoE layer with the kept expert count (nothing to do when
+        nothing is pruned)."""
+        if plan.total_pruned:
+            _set_expert_count(model_config, layout, plan.kept_per_layer)
+
+    # ----------------------------------------------------------------- phase 4: stream
+
+    def _stream(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str,
+                ckpt: Checkpoint, layout: ExpertLayout, plan: Plan) -> nn.Module:
+        """vLLM builds the model and loads it through `get_all_weights`, which yields the
+        pruned stream; later weight loads into the model are pruned with the same plan."""
+        self._weights = PrunedWeights(ckpt, layout, plan) if plan.total_pruned else None
+        model = super().load_model(vllm_config=vllm_config, model_config=model_config,
+                                   prefix=prefix)
+        if plan.total_pruned:
+            _prune_later_loads(model, PlanMap(layout, plan))
+        return model
 
     def get_all_weights(self, model_config: ModelConfig,
                         model: nn.Module) -> Generator[tuple[str, torch.Tensor], None, None]:
+        """The weights vLLM loads: the pruned stream (pruned experts never read, kept
+        ones renumbered, routers sliced, vLLM's EP filter applied in the new numbering),
+        or vLLM's own stream when nothing is pruned."""
         if self._weights is None:
             # Nothing pruned, or a fresh loader reloading weights into a pruned model:
             # that model's load_weights applies its plan (see _prune_later_loads).
-            yield from super().get_all_weights(model_config, model)
+            yield from super().get_all_weights(model_config=model_config, model=model)
             return
         local = self.local_expert_ids
         skip = (lambda name: should_skip_weight(name, local)) if local is not None else None
@@ -230,7 +291,47 @@ class AimerModelLoader(DefaultModelLoader):
                         "(enable_multithread_load)", threads)
         yield from self._weights.iterate(skip, threads=threads)
         for source in getattr(model, "secondary_weights", ()):
-            yield from self._get_weights_iterator(source)
+            yield from self._get_weights_iterator(source=source)
+
+    def _load_threads(self) -> int:
+        """Reader threads for the pruned stream: vLLM's enable_multithread_load and
+        num_threads, as its DefaultModelLoader applies them (default 8 threads)."""
+        parent = self.options.parent
+        if not parent.get("enable_multithread_load"):
+            return 1
+        return int(parent.get("num_threads") or self.DEFAULT_NUM_THREADS)
+
+    # ----------------------------------------------------------------- phase 5: report
+
+    def _report(self, model_config: ModelConfig, model: nn.Module, layout: ExpertLayout,
+                decision: PlanDecision, written: list[Path]) -> PruningReport:
+        """What was done, for the log and for /metrics (through the channel)."""
+        plan = decision.plan
+        stats = self._weights.stats if self._weights is not None else None
+        report = PruningReport(
+            model_name=model_config.served_model_name or model_config.model,
+            family=layout.arch.family, checkpoint=plan.checkpoint, plan_hash=plan.plan_hash,
+            ratio=plan.ratio, source=decision.source, top_k=layout.top_k,
+            layers=list(layout.layers), experts_before=layout.num_experts,
+            experts_after=plan.kept_per_layer, experts_pruned=plan.total_pruned,
+            **_expert_bytes(layout, stats), scoring_seconds=decision.seconds,
+            expert_rows=_expert_rows(model), plan_files=[str(p) for p in written],
+            criterion=plan.criterion)
+        write_report(report)
+        if rank() == 0:
+            publish(report)
+        logger.info("%s", report.summary())
+        return report
+
+
+def _expert_bytes(layout: ExpertLayout, stats: LoadStats | None) -> dict:
+    """The report's byte counts and (AIMER_TRACE_READS=1) the tensors read."""
+    if stats is None:  # nothing pruned: vLLM's own loader read every expert
+        loaded = sum(sum(layout.expert_bytes[layer]) for layer in layout.layers)
+        return {"expert_bytes_loaded": loaded, "expert_bytes_skipped": 0, "tensors_read": None}
+    reads = sorted(stats.tensors_read) if os.environ.get(TRACE_READS_ENV) == "1" else None
+    return {"expert_bytes_loaded": stats.expert_bytes_loaded,
+            "expert_bytes_skipped": stats.expert_bytes_skipped, "tensors_read": reads}
 
 
 def _is_separate_draft(vllm_config: VllmConfig, model_config: ModelConfig) -> bool:

@@ -1,7 +1,8 @@
 """Pruning facts on the same /metrics endpoint as vLLM's own metrics.
 
 Loading runs in a worker process, /metrics in the API server, so the facts
-travel as the worker's report file (see `report`). Two paths, because vLLM
+travel as the worker's report file (see `channel`); this module imports neither torch
+nor the worker-side modules. Two paths, because vLLM
 serves /metrics two ways:
 
 - one API server (the default): /metrics is prometheus_client's default
@@ -22,7 +23,11 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from vllm_aimer.report import PruningReport, read_reports
+from vllm_aimer.channel import read_reports
+from vllm_aimer.report import PruningReport
+
+__all__ = ["PREFIX", "MetricSpec", "METRICS", "METRIC_NAMES", "samples", "ReportCollector",
+           "install", "publish"]
 
 PREFIX = "vllm_aimer_"
 
@@ -56,7 +61,11 @@ METRIC_NAMES: tuple[str, ...] = tuple(PREFIX + m.name for m in METRICS)
 
 
 def samples(report: PruningReport) -> Iterator[tuple[MetricSpec, tuple[str, ...], float]]:
-    """(metric, label values without model_name, value) for one report."""
+    """Every sample of one report.
+
+    Yields:
+        (metric, its label values without model_name, value), in METRICS order.
+    """
     for layer in report.layers:
         yield EXPERTS_PER_LAYER, (str(layer), "before"), report.experts_before
         yield EXPERTS_PER_LAYER, (str(layer), "after"), report.experts_after
@@ -90,7 +99,8 @@ _installed = False
 
 
 def install() -> None:
-    """Add the collector to the default registry, once per process."""
+    """Add the collector to prometheus_client's default registry, once per process
+    (API server side; nothing in multiprocess mode, where `publish` writes instead)."""
     global _installed
     if _installed or "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         return
@@ -99,7 +109,9 @@ def install() -> None:
 
 
 def publish(report: PruningReport) -> None:
-    """In multiprocess mode, write the report as multiprocess gauges (worker side)."""
+    """In multiprocess mode (PROMETHEUS_MULTIPROC_DIR set), write `report` as
+    multiprocess gauges that every API server's /metrics merges (worker side, rank 0);
+    otherwise nothing."""
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         return
     registry = CollectorRegistry()  # private: only the value files matter here

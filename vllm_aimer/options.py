@@ -11,6 +11,8 @@ from typing import Any
 from vllm_aimer.errors import AimerError
 from vllm_aimer.constraints import check_ratio
 
+__all__ = ["AIMER_KEYS", "PARENT_KEYS", "AimerOptions", "parse_options"]
+
 AIMER_KEYS: tuple[str, ...] = ("prune_ratio", "plan", "plan_out", "plan_cache", "scoring_device")
 # Keys vLLM's DefaultModelLoader understands; passed through to it unchanged.
 PARENT_KEYS: tuple[str, ...] = ("enable_multithread_load", "num_threads", "enable_weights_track")
@@ -19,9 +21,13 @@ EXAMPLE = '\'{"prune_ratio": 0.5}\' or \'{"plan": "plan/pruned_experts.json"}\''
 
 @dataclass(frozen=True)
 class AimerOptions:
+    """The validated options (built by `parse_options`)."""
     prune_ratio: float | None = None
+    """Share of routed experts to prune, in [0, 1); None when a plan file decides."""
     plan: str | None = None
+    """A plan file (any known format) or a directory holding one."""
     plan_out: str | None = None
+    """Where the loader writes the plan it used."""
     plan_cache: str | bool = True
     """A directory, True for the default (~/.cache/vllm-aimer/plans), False for none."""
     parent: dict[str, Any] = field(default_factory=dict)
@@ -32,6 +38,21 @@ class AimerOptions:
 
 
 def parse_options(extra: Mapping[str, Any] | str | None) -> AimerOptions:
+    """Validate `--model-loader-extra-config` for `--load-format aimer`.
+
+    Args:
+        extra: the config as vLLM hands it over: a mapping, its JSON text, or None.
+
+    Returns:
+        The options; keys of vLLM's own loader (PARENT_KEYS) are kept in `parent`.
+
+    Raises:
+        AimerError: `extra` is missing, empty, not a JSON object or has an unknown
+            key; neither prune_ratio nor plan is given; or a value is invalid
+            (prune_ratio outside [0, 1), an empty plan/plan_out path, a plan_cache
+            that is neither a path nor a bool, a scoring_device other than auto, cpu,
+            cuda or cuda:N).
+    """
     if extra is None or extra == {}:
         raise AimerError("--load-format aimer needs prune_ratio or plan in "
                          "--model-loader-extra-config.",

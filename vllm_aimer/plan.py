@@ -29,7 +29,7 @@ from vllm_aimer.layout import ExpertLayout
 
 __all__ = ["LayerPlan", "Plan", "make_plan", "identity_plan", "with_mtp_layers",
            "plan_from_pruned_experts", "read_plan", "conform", "scores_csv", "select_pruned",
-           "PLAN_FILE", "PRUNED_EXPERTS_FILE", "SCORES_FILE"]
+           "PLAN_FILE", "PRUNED_EXPERTS_FILE", "SCORES_FILE", "PRUNES_LOWEST"]
 
 PLAN_FORMAT = "vllm-aimer.plan/v1"
 PRUNED_EXPERTS_FILE = "pruned_experts.json"

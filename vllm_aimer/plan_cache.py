@@ -15,16 +15,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from vllm_aimer.outputs import atomic_write_text
+from vllm_aimer.files import atomic_write_text
 from vllm_aimer.plan import Plan
+
+__all__ = ["default_cache_dir", "cache_key", "cached_plan"]
 
 
 def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/vllm-aimer/plans, or ~/.cache/vllm-aimer/plans (not created here)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "vllm-aimer" / "plans"
 
 
 def cache_key(fingerprint: str, ratio: float) -> str:
+    """The entry name for a checkpoint fingerprint and ratio: 32 hex digits of sha256."""
     return hashlib.sha256(f"{fingerprint}:{ratio!r}".encode()).hexdigest()[:32]
 
 
@@ -44,6 +48,19 @@ def cached_plan(cache_dir: Path, fingerprint: str, ratio: float,
 
     Concurrent callers for one key serialise on its lock, so `compute` runs once.
     An unreadable or foreign entry is recomputed and replaced.
+
+    Args:
+        cache_dir: the cache directory (created if missing).
+        fingerprint: the checkpoint's `Checkpoint.fingerprint`.
+        ratio: the prune ratio, part of the key.
+        compute: makes the plan on a miss (what it raises propagates; nothing is
+            stored then).
+
+    Returns:
+        The plan, and whether it came from the cache.
+
+    Raises:
+        OSError: the directory, its lock or the entry cannot be written.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(fingerprint, ratio)

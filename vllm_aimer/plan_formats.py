@@ -62,7 +62,7 @@ from vllm_aimer.plan import (PLAN_FILE, PRUNED_EXPERTS_FILE, Plan, identity_plan
 __all__ = ["FORMATS", "WRITABLE_FORMATS", "VLLM_PROFILE_FILE", "detect_format", "file_format",
            "read_plan_file",
            "resolve_plan_path", "vllm_profile", "ascend_lines", "llm_compressor_report",
-           "write_plan_as"]
+           "write_plan_as", "ascend_ratio"]
 
 VLLM_PROFILE_FILE = "vllm_profile.json"
 PRUNING_PLAN_FILE = "pruning_plan.json"
@@ -452,9 +452,9 @@ def llm_compressor_report(plan: Plan, ckpt: Checkpoint, layout: ExpertLayout) ->
     names are the checkpoint's (the router tensor's parent)."""
     blocks: dict[int, str] = {}
     for name in ckpt.tensors:
-        layer = layout.arch.match_router(name, layout.mtp_base)
+        layer = layout.arch.names.match_router(name, layout.mtp_base)
         if layer is not None and layer not in blocks:
-            tail = next(t for t in layout.arch.router_tensors if name.endswith("." + t))
+            tail = next(t for t in layout.arch.names.router_tensors if name.endswith("." + t))
             blocks[layer] = name[: -len(tail) - 1]
     return {blocks.get(layer, f"model.layers.{layer}.mlp"): list(plan.layer(layer).kept)
             for layer in plan.layer_ids}

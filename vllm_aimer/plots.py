@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
     from vllm_aimer.evaluate import EvalReport
 
+__all__ = ["ScorePanel", "save_png", "eval_figure", "panel_from_plan", "read_scores_csv",
+           "ranked_rescaled", "scores_figure"]
+
 
 def _figure(width: float, height: float) -> "Figure":
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -33,7 +36,19 @@ def _figure(width: float, height: float) -> "Figure":
 
 
 def save_png(fig: "Figure", path: Path, dpi: int = 120) -> Path:
-    """Write atomically: a reader never sees half a PNG."""
+    """Write `fig` to `path` as a PNG, atomically: a reader never sees half a PNG.
+
+    Args:
+        fig: the figure (from `eval_figure` or `scores_figure`).
+        path: the PNG file; its directory must exist.
+        dpi: dots per inch.
+
+    Returns:
+        `path`.
+
+    Raises:
+        OSError: the file cannot be written (the temporary file is removed).
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
@@ -48,7 +63,8 @@ def save_png(fig: "Figure", path: Path, dpi: int = 120) -> Path:
 
 def eval_figure(report: "EvalReport") -> "Figure":
     """Perplexity against prune ratio: one line per criterion (starting at the dense
-    point), the dense model as a dashed reference line."""
+    point), the dense model as a dashed reference line; a log scale when the
+    perplexities span more than 20x. Imports matplotlib."""
     fig = _figure(6.4, 4.2)
     ax = fig.add_subplot()
     dense = next((r for r in report.runs if r.criterion == "dense"), None)
@@ -84,10 +100,16 @@ class ScorePanel:
 
     @property
     def prunes_lowest(self) -> bool:
+        """Whether the criterion prunes its lowest scores (plan.PRUNES_LOWEST)."""
         return self.criterion in PRUNES_LOWEST
 
 
 def panel_from_plan(plan: Plan) -> ScorePanel:
+    """The scores and pruned experts a plan carries, per MoE layer.
+
+    Raises:
+        ValueError: a layer of the plan carries no scores.
+    """
     layers = plan.layer_ids
     if any(plan.layer(l).scores is None for l in layers):
         raise ValueError("this plan carries no scores")
@@ -96,7 +118,12 @@ def panel_from_plan(plan: Plan) -> ScorePanel:
 
 
 def read_scores_csv(path: str | Path) -> ScorePanel:
-    """A scores.csv written by `vllm-aimer score` (layer,expert_id,<criterion>_score,...)."""
+    """A scores.csv written by `vllm-aimer score` (layer,expert_id,<criterion>_score,...).
+
+    Raises:
+        AimerError: the file cannot be read, or lacks the columns layer, expert_id,
+            is_pruned and one ending in `_score`, or has no rows.
+    """
     p = Path(path)
     try:
         rows = list(csv.DictReader(p.read_text().splitlines()))
@@ -131,7 +158,11 @@ def ranked_rescaled(scores: Sequence[float]) -> tuple[list[int], list[float]]:
 def scores_figure(panels: Sequence[ScorePanel]) -> "Figure":
     """Side by side, one heatmap per criterion in the style of the AIMER paper's Figure 2:
     a row per MoE layer, experts ranked by score (highest left), colour = score min-max
-    rescaled within the layer, pruned experts marked with a cross."""
+    rescaled within the layer, pruned experts marked with a cross. Imports matplotlib.
+
+    Raises:
+        ValueError: `panels` is empty.
+    """
     if not panels:
         raise ValueError("nothing to plot")
     layers = len(panels[0].layers)

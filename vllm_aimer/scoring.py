@@ -27,7 +27,7 @@ from vllm_aimer.lazy import imported
 from vllm_aimer.shards import Shards, default_threads
 
 __all__ = ["CHUNK_ELEMENTS", "ScoringResult", "aimer_score", "aimer_score_of", "score_checkpoint",
-           "scoring_device"]
+           "scoring_device", "DEVICES"]
 
 
 def aimer_score(abs_sum: float, sq_sum: float, numel: int) -> float:

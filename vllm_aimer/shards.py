@@ -22,6 +22,8 @@ import numpy as np
 from vllm_aimer.checkpoint import Checkpoint, TensorInfo
 from vllm_aimer.encodings.reduce import STORAGE
 
+__all__ = ["Shards", "usable_cpus", "default_threads"]
+
 PAGE = mmap.PAGESIZE
 _DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 # No MADV_SEQUENTIAL / MADV_WILLNEED: measured on the benchmark models (2 cores, virtio
@@ -30,7 +32,11 @@ _DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 
 
 class Shards:
-    """Memory maps (thread-safe) and safetensors handles (one thread) by tensor name."""
+    """Memory maps (thread-safe) and safetensors handles (one thread) by tensor name.
+
+    Args:
+        ckpt: the checkpoint whose shards are read; `close` releases them.
+    """
 
     OPEN = 4
     """safetensors handles kept open at a time (a weight and its scales may sit in
@@ -56,7 +62,12 @@ class Shards:
         return m
 
     def array(self, info: TensorInfo) -> np.ndarray:
-        """The tensor's stored values, 1-D, as `reduce.STORAGE[dtype]`, without a copy."""
+        """The tensor's stored values, 1-D, as `reduce.STORAGE[dtype]`, without a copy.
+
+        Raises:
+            ValueError: the tensor's file offset is unknown (`info.offset` < 0).
+            KeyError: its dtype has no entry in `reduce.STORAGE`.
+        """
         if info.offset < 0:
             raise ValueError(f"tensor {info.name} has no file offset")
         return np.frombuffer(self._map(info.file), STORAGE[info.dtype], count=info.numel,
@@ -88,12 +99,16 @@ class Shards:
         return self.handles[file]
 
     def get_slice(self, name: str) -> Any:
+        """safetensors' lazy slice of tensor `name` (torch), through a kept-open handle."""
         return self._handle(name).get_slice(name)
 
     def get_tensor(self, name: str) -> Any:
+        """Tensor `name` as a torch tensor, through a kept-open handle."""
         return self._handle(name).get_tensor(name)
 
     def close(self) -> None:
+        """Close the safetensors handles and the memory maps (a map an array still points
+        into is unmapped when that array is freed)."""
         while self.handles:
             self.handles.popitem()[1].__exit__(None, None, None)
         for m in self.maps.values():

@@ -25,11 +25,16 @@ from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import ExpertLayout
 from vllm_aimer.plan import Plan
 
+__all__ = ["LoadStats", "PlanMap", "PrunedWeights"]
+
 
 @dataclass
 class LoadStats:
+    """What an iteration of `PrunedWeights` read and skipped, updated as it goes."""
     expert_bytes_loaded: int = 0
+    """Bytes of kept experts' tensors read (fused tensors: their kept rows' share)."""
     expert_bytes_skipped: int = 0
+    """Bytes of pruned experts' tensors never read."""
     tensors_read: set[str] = field(default_factory=set)
     """Checkpoint names of every tensor read from disk (whole or in part)."""
 
@@ -48,10 +53,15 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
 class PlanMap:
     """How a plan changes each checkpoint tensor name, in the checkpoint's numbering:
     a pruned expert's tensor is dropped, a kept one renamed to its new id, a fused
-    all-experts or router tensor sliced to the kept rows, anything else untouched."""
+    all-experts or router tensor sliced to the kept rows, anything else untouched.
+
+    Args:
+        layout: the checkpoint's expert layout (names, expert count, MTP base).
+        plan: the plan for that checkpoint.
+    """
 
     def __init__(self, layout: ExpertLayout, plan: Plan) -> None:
-        self.arch = layout.arch
+        self.names = layout.arch.names
         self.mtp_base = layout.mtp_base
         self.num_experts = layout.num_experts
         self.kept = plan.kept_by_layer()
@@ -61,32 +71,45 @@ class PlanMap:
     def expert(self, name: str) -> tuple[bool, str | None]:
         """(whether `name` is a routed expert's tensor in a planned layer, its new name
         or None when that expert is pruned)."""
-        hit = self.arch.match_expert(name, self.mtp_base)
+        hit = self.names.match_expert(name, self.mtp_base)
         if hit is None or hit[0] not in self.kept:
             return False, None
         new = self.new_id[hit[0]].get(hit[1])
-        return True, (None if new is None else self.arch.rename_expert(name, new))
+        return True, (None if new is None else self.names.rename_expert(name, new))
 
     def fused_rows(self, name: str) -> list[int] | None:
         """Kept rows (dim 0) of a fused all-experts tensor, else None."""
-        fused = self.arch.match_fused(name, self.mtp_base)
+        fused = self.names.match_fused(name, self.mtp_base)
         return self.kept[fused[0]] if fused is not None and fused[0] in self.kept else None
 
     def router_rows(self, name: str) -> tuple[list[int], int] | None:
         """(kept rows, dimension) of a router tensor indexed by expert, else None."""
-        layer = self.arch.match_router(name, self.mtp_base)
+        layer = self.names.match_router(name, self.mtp_base)
         if layer is None or layer not in self.kept:
             return None
-        return self.kept[layer], self.arch.router_dim(name)
+        return self.kept[layer], self.names.router_dim(name)
 
     def apply(self, weights: Iterable[tuple[str, torch.Tensor]]
               ) -> Iterator[tuple[str, torch.Tensor]]:
         """`weights` in the checkpoint's numbering (E experts), as the pruned model
         takes them: what weight reloads and RL weight sync hand a pruned model.
         A tensor already cut to another count is refused: its experts cannot be told
-        apart from the checkpoint's."""
+        apart from the checkpoint's.
+
+        Args:
+            weights: (checkpoint name, tensor) pairs.
+
+        Yields:
+            (name in the pruned model, tensor): pruned experts' tensors are left out,
+            fused and router tensors come as copies holding the kept rows.
+
+        Raises:
+            AimerError: a tensor names an expert id beyond the checkpoint's count, or a
+                fused or router tensor does not have the checkpoint's expert count on
+                its expert dimension.
+        """
         for name, tensor in weights:
-            hit = self.arch.match_expert(name, self.mtp_base)
+            hit = self.names.match_expert(name, self.mtp_base)
             if hit is not None and hit[1] >= self.num_experts:
                 raise AimerError(
                     f"weight {name} handed to the pruned model names expert {hit[1]}, but the "
@@ -121,7 +144,13 @@ class PlanMap:
 
 class PrunedWeights:
     """Iterates (name, tensor) of a checkpoint with a plan applied, reading only what
-    the pruned model keeps."""
+    the pruned model keeps; `stats` counts what was read and skipped.
+
+    Args:
+        ckpt: the checkpoint.
+        layout: its expert layout.
+        plan: the plan to apply (made for this checkpoint).
+    """
 
     def __init__(self, ckpt: Checkpoint, layout: ExpertLayout, plan: Plan) -> None:
         self.ckpt = ckpt
@@ -145,7 +174,13 @@ class PrunedWeights:
 
         `threads` > 1 (vLLM's enable_multithread_load / num_threads): that many threads
         read the next tensors ahead (safetensors copies without holding the GIL), at
-        most 2 x threads tensors in flight, still yielded in file order."""
+        most 2 x threads tensors in flight, still yielded in file order (`window` is
+        not used then).
+
+        Yields:
+            (name in the pruned model, tensor), read from the shards as `PlanMap`
+            describes.
+        """
         if threads > 1:
             yield from self._iterate_threaded(skip, threads)
             return

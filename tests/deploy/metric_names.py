@@ -1,27 +1,17 @@
-"""The /metrics contract that the deployment material (alert rules, dashboard) relies on.
+"""The /metrics names that the deployment material (alert rules, dashboard) relies on.
 
-One place for the names, so the dashboard and rules tests (and later a live
-scrape of a real server) check against the same list. The package exports the
-same names as `vllm_aimer.metrics.METRIC_NAMES`; `test_metric_contract.py`
-checks the two agree.
+The vllm_aimer gauges come from the package itself (`vllm_aimer.metrics.METRICS`, the
+one list); `test_metric_contract.py` checks that list against the documented table in
+deploy/README.md. vLLM's own metrics that the rules and dashboard use are listed here.
 """
 
 from __future__ import annotations
 
+from vllm_aimer.metrics import METRICS, PREFIX
+
 # vllm_aimer gauges: name -> labels besides `model_name` (every one carries model_name).
-AIMER_METRICS: dict[str, tuple[str, ...]] = {
-    "vllm_aimer_experts_per_layer": ("layer", "state"),  # state: "before" | "after"
-    "vllm_aimer_experts_pruned": (),
-    "vllm_aimer_moe_layers": (),
-    "vllm_aimer_top_k": (),
-    "vllm_aimer_prune_ratio": (),
-    "vllm_aimer_expert_skipped_bytes": (),
-    "vllm_aimer_expert_loaded_bytes": (),
-    "vllm_aimer_scoring_seconds": (),
-    "vllm_aimer_plan_info": ("ratio", "plan_hash", "source", "checkpoint"),
-}
+AIMER_METRICS: dict[str, tuple[str, ...]] = {PREFIX + m.name: tuple(m.labels) for m in METRICS}
 AIMER_METRIC_NAMES: frozenset[str] = frozenset(AIMER_METRICS)
-PLAN_SOURCES: frozenset[str] = frozenset({"score", "plan_file", "cache"})
 
 # vLLM's own metrics (exposition names, i.e. counters with `_total`, histograms
 # with `_bucket`/`_sum`/`_count`) that the rules and dashboard use. Every vLLM

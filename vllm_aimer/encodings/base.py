@@ -23,6 +23,18 @@ from vllm_aimer.checkpoint import Checkpoint, TensorInfo
 from vllm_aimer.encodings.reduce import float_sums, storage_view
 from vllm_aimer.errors import AimerError
 
+__all__ = [
+    # config
+    "QuantConfig", "quant_config", "modelopt_algo", "modelopt_group_size", "ct_formats",
+    "CtScheme", "ct_scheme", "require_ct_fp4_scheme",
+    # projections and scorers
+    "Projection", "refuse", "Sums", "Scorer", "MatrixScorer", "Encoding", "has", "only",
+    # exact reductions
+    "CHUNK_ELEMENTS", "row_spans", "f64", "abs_sq_sums", "add_block_scaled", "codes_u8",
+    "GroupBuckets", "one_hot", "col_group_sums", "runs_of", "unpack_int32", "FP4_CODES",
+    "fp4_byte_sums", "add_fp4_groups", "ceil_div",
+]
+
 CHUNK_ELEMENTS = 1 << 20
 """About 4 MiB of float32 per reduction: cache-sized, and far faster than
 reducing whole tensors (see ../shared notes: ~4x on this CPU)."""
@@ -39,6 +51,8 @@ class QuantConfig:
     raw: Mapping[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
+        """For messages: the method, with its algorithm, formats or bits and group when
+        known; "unquantized" without a config."""
         if self.method is None:
             return "unquantized"
         detail = ""
@@ -53,6 +67,11 @@ class QuantConfig:
 
 
 def quant_config(ckpt: Checkpoint) -> QuantConfig:
+    """The checkpoint's quantization config: the first of config.json's
+    `quantization_config` or `compression_config`, its text_config's
+    `quantization_config`, or hf_quant_config.json; QuantConfig(None) when there is
+    none. Without a quant_method the method is "modelopt" for hf_quant_config.json's
+    `{"quantization": {...}}` form, else "unknown"."""
     config = ckpt.config
     inner = config.get("text_config")
     raw = (config.get("quantization_config") or config.get("compression_config")
@@ -67,12 +86,15 @@ def quant_config(ckpt: Checkpoint) -> QuantConfig:
 
 
 def modelopt_algo(quant: QuantConfig) -> str:
+    """ModelOpt's quant_algo, upper-cased ("" when absent), from hf_quant_config.json's
+    `quantization` section or the config itself."""
     inner = quant.raw.get("quantization")
     src = inner if isinstance(inner, Mapping) else quant.raw
     return str(src.get("quant_algo", "")).upper()
 
 
 def modelopt_group_size(quant: QuantConfig) -> int | None:
+    """ModelOpt's group_size, found as `modelopt_algo` finds quant_algo; None if not an int."""
     inner = quant.raw.get("quantization")
     src = inner if isinstance(inner, Mapping) else quant.raw
     value = src.get("group_size")
@@ -87,6 +109,8 @@ _CT_CLASS_TARGETS = ("Linear", "FusedMoE", "RoutedExperts")
 
 
 def ct_formats(quant: QuantConfig) -> list[str]:
+    """The compressed-tensors format of each config group (the top-level `format` when
+    a group names none; None when neither does)."""
     groups = quant.raw.get("config_groups") or {}
     top = quant.raw.get("format")
     return [g.get("format") or top for g in groups.values() if isinstance(g, Mapping)]
@@ -105,6 +129,7 @@ def _ct_target_rank(target: str, module: str) -> int | None:
 
 @dataclass(frozen=True)
 class CtScheme:
+    """The parts of a compressed-tensors config group the encodings read."""
     weights: Mapping[str, Any]
     format: str | None
     input_activations: Mapping[str, Any] | None
@@ -144,22 +169,50 @@ class Projection:
     """Fused: the experts on dim 0."""
 
     def describe(self) -> str:
+        """For messages: the module name, then each tensor's suffix, dtype and shape."""
         parts = [f"{s or '(weight)'} {t.dtype} {list(t.shape)}" for s, t in sorted(self.tensors.items())]
         return f"{self.module}: " + ", ".join(parts)
 
     def dtype(self, suffix: str) -> str | None:
+        """The dtype of the tensor with `suffix`, or None when there is none."""
         t = self.tensors.get(suffix)
         return t.dtype if t is not None else None
 
 
 def refuse(proj: Projection, what: str, fix: str) -> AimerError:
+    """The AimerError (returned, for the caller to raise) naming `proj`'s tensors, `what`
+    is wrong with them and the `fix`."""
     return AimerError(f"expert tensors {proj.describe()}: {what}", fix)
+
+
+def require_ct_fp4_scheme(quant: QuantConfig, proj: Projection, group: int, found: str) -> None:
+    """Check that compressed-tensors declares a 4-bit float weight scheme in groups of
+    `group` for `proj` (NVFP4: 16, MXFP4: 32), the only thing its packed FP4 values
+    can be decoded with.
+
+    Args:
+        quant: the checkpoint's quantization config.
+        proj: the projection whose tensors look like packed FP4.
+        group: the values that share one scale.
+        found: what the tensors look like, for the message.
+
+    Raises:
+        AimerError: no such scheme applies to `proj`.
+    """
+    scheme = ct_scheme(quant, proj.module) if quant.method == "compressed-tensors" else None
+    w = scheme.weights if scheme else {}
+    if (scheme is None or w.get("type") != "float" or w.get("num_bits") != 4
+            or w.get("group_size") != group):
+        raise refuse(proj, f"{found}, but the config has no 4-bit float scheme in groups of "
+                     f"{group} for {proj.module} (found: {dict(w) if w else 'none'}).",
+                     "check quantization_config in config.json, or pass a plan file.")
 
 
 # --------------------------------------------------------------------------- sums
 
 @dataclass
 class Sums:
+    """Running sums of one expert's weights: sum |w|, sum w^2 and the count of w."""
     abs_sum: float = 0.0
     sq_sum: float = 0.0
     numel: int = 0
@@ -173,6 +226,7 @@ class Sums:
         self.numel += flat.size
 
     def add_totals(self, abs_sum: float, sq_sum: float, numel: int) -> None:
+        """Add sums computed elsewhere over `numel` values."""
         self.abs_sum += abs_sum
         self.sq_sum += sq_sum
         self.numel += numel
@@ -188,6 +242,17 @@ class Scorer:
     memory maps (`f.array`) and touches only the `accs` it is given."""
 
     def add(self, f: Any, accs: Sequence[Sums], chunk_elements: int) -> None:
+        """Add the projection's sums to `accs`.
+
+        Args:
+            f: the open shards (`vllm_aimer.shards.Shards`) to read from.
+            accs: the expert's Sums (one), or, fused, one per expert in order.
+            chunk_elements: about how many values to decode at a time.
+
+        Raises:
+            AimerError: values read contradict the recipe (the encodings that check
+                some while reading: GPTQ's g_idx, pack-quantized's weight_shape).
+        """
         raise NotImplementedError
 
 
@@ -207,6 +272,7 @@ class MatrixScorer(Scorer):
             self.add_matrix(f, accs[0], (), chunk_elements)
 
     def add_matrix(self, f: Any, acc: Sums, lead: tuple[int, ...], chunk_elements: int) -> None:
+        """Add the sums of the matrix at leading index `lead` to `acc` (see `add`)."""
         raise NotImplementedError
 
 
@@ -305,6 +371,7 @@ class GroupBuckets:
             r = stop
 
     def finish(self, acc: Sums, scale: torch.Tensor) -> None:
+        """Add the buckets times |scale| and scale^2 (float64 [groups, columns]) to `acc`."""
         acc.add_totals(float((self.abs * scale.abs()).sum()),
                        float((self.sq * scale * scale).sum()), self.numel)
 
@@ -408,12 +475,15 @@ class Encoding:
 
 
 def has(proj: Projection, *suffixes: str) -> bool:
+    """Whether `proj` has a tensor for every one of `suffixes`."""
     return all(s in proj.tensors for s in suffixes)
 
 
 def only(proj: Projection, allowed: frozenset[str]) -> bool:
+    """Whether every tensor suffix of `proj` is in `allowed`."""
     return set(proj.tensors) <= allowed
 
 
 def ceil_div(a: int, b: int) -> int:
+    """a / b rounded up (integers)."""
     return -(-a // b)

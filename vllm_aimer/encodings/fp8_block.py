@@ -8,7 +8,6 @@ Dequantized value = code x its block's scale (vLLM fp8_utils / DeepSeek's
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -21,12 +20,16 @@ from vllm_aimer.encodings.base import (Encoding, MatrixScorer, Projection, Quant
                                        row_spans)
 from vllm_aimer.encodings.reduce import rowdot, scratch
 
+__all__ = ["ENCODING", "SUFFIXES", "FUSED_SUFFIXES", "DEFAULT_BLOCK", "block_size",
+           "BlockFp8Scorer", "fp8_e4m3_block_sums"]
+
 SUFFIXES = frozenset({"weight", "weight_scale_inv", "input_scale", "bias"})
 FUSED_SUFFIXES = frozenset({"", "_scale_inv", "_bias"})
 DEFAULT_BLOCK = (128, 128)
 
 
 def block_size(quant: QuantConfig) -> tuple[int, int]:
+    """(rows, columns) of a scale block: the config's weight_block_size, else DEFAULT_BLOCK."""
     block = quant.raw.get("weight_block_size")
     if isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) for b in block):
         return block[0], block[1]
@@ -41,6 +44,8 @@ def _matches(quant: QuantConfig, proj: Projection) -> bool:
 
 
 class BlockFp8Scorer(MatrixScorer):
+    """Block-FP8 codes times their block's scale, per expert or fused (dim 0)."""
+
     def __init__(self, proj: Projection, block: tuple[int, int]) -> None:
         main, scale = ("", "_scale_inv") if proj.fused else ("weight", "weight_scale_inv")
         self.weight, self.scale = proj.tensors[main], proj.tensors[scale]
@@ -128,24 +133,3 @@ ENCODING = Encoding(
     name="fp8-block", label="block FP8 (`weight` float8 + `weight_scale_inv` per block, "
     "quant_method fp8 with weight_block_size; fused `_scale_inv` too)",
     suffixes=SUFFIXES, fused_suffixes=FUSED_SUFFIXES, matches=_matches, scorer=_scorer)
-
-
-def encode(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> dict[str, torch.Tensor]:
-    """float8_e4m3fn codes of a 2-D weight and float32 scales [ceil(R/br), ceil(C/bc)]
-    (block amax / 448): dequantized value = code x its block's scale."""
-    br, bc = block
-    w = w.to(torch.float32)
-    rows, cols = w.shape
-    sr, sc = ceil_div(rows, br), ceil_div(cols, bc)
-    padded = torch.zeros(sr * br, sc * bc)
-    padded[:rows, :cols] = w
-    blocks = padded.reshape(sr, br, sc, bc)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-    q = (blocks / scale[:, None, :, None]).reshape(sr * br, sc * bc)[:rows, :cols]
-    return {"weight": q.to(torch.float8_e4m3fn).contiguous(),
-            "weight_scale_inv": scale.contiguous()}
-
-
-def quantization_config(block: tuple[int, int] = DEFAULT_BLOCK) -> Mapping[str, Any]:
-    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-            "weight_block_size": list(block)}

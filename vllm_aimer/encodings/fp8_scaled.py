@@ -9,7 +9,6 @@ methods)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from vllm_aimer.lazy import torch
@@ -20,6 +19,8 @@ from vllm_aimer.encodings.base import (Encoding, MatrixScorer, Projection, Quant
                                        modelopt_algo, only, refuse, row_spans)
 from vllm_aimer.encodings.scaled import Strategy, check_scale, ct_strategy
 
+__all__ = ["ENCODING", "SUFFIXES", "strategy_for", "ScaledFp8Scorer"]
+
 SUFFIXES = frozenset({"weight", "weight_scale", "input_scale", "bias"})
 
 
@@ -29,7 +30,12 @@ def _matches(quant: QuantConfig, proj: Projection) -> bool:
 
 
 def strategy_for(quant: QuantConfig, proj: Projection) -> Strategy:
-    """How the config says this projection's FP8 scale is laid out."""
+    """How the config says this projection's FP8 scale is laid out.
+
+    Raises:
+        AimerError: the config has no 8-bit float scheme we read for this projection
+            (compressed-tensors), or its quant_method is not one with `weight_scale`.
+    """
     method = quant.method
     if method == "compressed-tensors":
         scheme = ct_scheme(quant, proj.module)
@@ -60,6 +66,8 @@ def strategy_for(quant: QuantConfig, proj: Projection) -> Strategy:
 
 
 class ScaledFp8Scorer(MatrixScorer):
+    """FP8 codes times `weight_scale` laid out as its `Strategy` says, per expert."""
+
     def __init__(self, proj: Projection, strategy: Strategy) -> None:
         self.weight, self.scale = proj.tensors["weight"], proj.tensors["weight_scale"]
         super().__init__(proj, self.weight, self.scale)
@@ -89,29 +97,3 @@ ENCODING = Encoding(
     name="fp8-scaled", label="FP8 with `weight_scale` (compressed-tensors float-quantized per "
     "tensor/channel/block/group, fp8 per tensor, ModelOpt FP8, FBGEMM FP8)",
     suffixes=SUFFIXES, matches=_matches, scorer=_scorer)
-
-
-def ct_weights_args(strategy: str, block: tuple[int, int] | None = None,
-                    group: int | None = None) -> dict[str, Any]:
-    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy,
-            "block_structure": list(block) if block else None, "group_size": group,
-            "dynamic": False}
-
-
-def encode(w: torch.Tensor, strategy: str = "channel", block: tuple[int, int] | None = None,
-           group: int | None = None, scale_dtype: torch.dtype | None = None
-           ) -> dict[str, torch.Tensor]:
-    """compressed-tensors float-quantized FP8, packed by the `compressed-tensors` package."""
-    from vllm_aimer.encodings.ct_producer import ct_compress
-
-    return ct_compress(w, ct_weights_args(strategy, block, group), "float-quantized",
-                       scale_dtype)
-
-
-def quantization_config(strategy: str = "channel", block: tuple[int, int] | None = None,
-                        group: int | None = None) -> Mapping[str, Any]:
-    from vllm_aimer.encodings.ct_producer import ct_config
-
-    return ct_config(ct_weights_args(strategy, block, group), "float-quantized",
-                     {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
-                      "dynamic": True})

@@ -7,7 +7,6 @@ vLLM's W8A8 INT8 MoE method takes per-channel symmetric weights)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from vllm_aimer.lazy import torch
@@ -16,6 +15,8 @@ from vllm_aimer.encodings.base import (Encoding, MatrixScorer, Projection, Quant
                                        add_block_scaled, ceil_div, ct_scheme, f64, has, only,
                                        refuse, row_spans)
 from vllm_aimer.encodings.scaled import Strategy, check_scale, ct_strategy, expand_tile
+
+__all__ = ["ENCODING", "SUFFIXES", "Int8Scorer"]
 
 SUFFIXES = frozenset({"weight", "weight_scale", "weight_zero_point", "input_scale",
                       "input_zero_point", "bias"})
@@ -27,6 +28,8 @@ def _matches(quant: QuantConfig, proj: Projection) -> bool:
 
 
 class Int8Scorer(MatrixScorer):
+    """INT8 codes less their zero point (if any), times `weight_scale`, per expert."""
+
     def __init__(self, proj: Projection, strategy: Strategy) -> None:
         self.weight, self.scale = proj.tensors["weight"], proj.tensors["weight_scale"]
         self.zero = proj.tensors.get("weight_zero_point")
@@ -78,25 +81,3 @@ ENCODING = Encoding(
     name="int8", label="INT8 (compressed-tensors int-quantized W8A8: `weight` int8 + "
     "`weight_scale` [+ `weight_zero_point`])",
     suffixes=SUFFIXES, matches=_matches, scorer=_scorer)
-
-
-def ct_weights_args(strategy: str = "channel", symmetric: bool = True,
-                    group: int | None = None) -> dict[str, Any]:
-    return {"num_bits": 8, "type": "int", "symmetric": symmetric, "strategy": strategy,
-            "group_size": group, "dynamic": False}
-
-
-def encode(w: torch.Tensor, strategy: str = "channel", symmetric: bool = True,
-           scale_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """compressed-tensors int-quantized, packed by the `compressed-tensors` package."""
-    from vllm_aimer.encodings.ct_producer import ct_compress
-
-    return ct_compress(w, ct_weights_args(strategy, symmetric), "int-quantized", scale_dtype)
-
-
-def quantization_config(strategy: str = "channel", symmetric: bool = True) -> Mapping[str, Any]:
-    from vllm_aimer.encodings.ct_producer import ct_config
-
-    return ct_config(ct_weights_args(strategy, symmetric), "int-quantized",
-                     {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
-                      "dynamic": True})

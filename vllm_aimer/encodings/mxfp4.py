@@ -12,13 +12,16 @@ Dequantized value = e2m1 x 2^(e - 127) (vLLM mxfp4_utils; compressed-tensors'
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from vllm_aimer.lazy import torch
 
 from vllm_aimer.encodings.base import (Encoding, MatrixScorer, Projection, QuantConfig, Sums,
-                                       add_fp4_groups, ct_scheme, has, only, refuse, row_spans)
+                                       add_fp4_groups, has, only, refuse, require_ct_fp4_scheme,
+                                       row_spans)
+
+__all__ = ["ENCODING", "GROUP", "SUFFIXES", "FUSED_SUFFIXES", "SCALE_DTYPES", "exponents",
+           "Mxfp4Scorer"]
 
 GROUP = 32
 SUFFIXES = frozenset({"weight_packed", "weight_scale", "bias"})
@@ -39,6 +42,8 @@ def exponents(t: torch.Tensor) -> torch.Tensor:
 
 
 class Mxfp4Scorer(MatrixScorer):
+    """MXFP4 values times 2^(e - 127) per group of 32, fused (gpt-oss) or per expert."""
+
     def __init__(self, proj: Projection) -> None:
         main, scale = ("_blocks", "_scales") if proj.fused else ("weight_packed", "weight_scale")
         self.packed, self.scale = proj.tensors[main], proj.tensors[scale]
@@ -65,14 +70,8 @@ def _scorer(quant: QuantConfig, proj: Projection) -> Mxfp4Scorer:
                          "use the checkpoint as released (gpt-oss MXFP4 layout) or its BF16 "
                          "release.")
         return Mxfp4Scorer(proj)
-    scheme = ct_scheme(quant, proj.module) if quant.method == "compressed-tensors" else None
-    w = scheme.weights if scheme else {}
-    if (scheme is None or w.get("type") != "float" or w.get("num_bits") != 4
-            or w.get("group_size") != GROUP):
-        raise refuse(proj, "MXFP4-style tensors (weight_packed uint8 + E8M0 weight_scale), but "
-                     f"the config has no 4-bit float scheme in groups of 32 for {proj.module} "
-                     f"(found: {dict(w) if w else 'none'}).",
-                     "check quantization_config in config.json, or pass a plan file.")
+    require_ct_fp4_scheme(quant, proj, GROUP,
+                          "MXFP4-style tensors (weight_packed uint8 + E8M0 weight_scale)")
     packed, scale = proj.tensors["weight_packed"], proj.tensors["weight_scale"]
     if (len(packed.shape) != 2 or packed.shape[1] % (GROUP // 2)
             or tuple(scale.shape) != (packed.shape[0], packed.shape[1] // (GROUP // 2))):
@@ -85,47 +84,3 @@ ENCODING = Encoding(
     name="mxfp4", label="MXFP4 (gpt-oss fused `_blocks` + `_scales`; compressed-tensors "
     "`weight_packed` + E8M0 `weight_scale` per expert)",
     suffixes=SUFFIXES, fused_suffixes=FUSED_SUFFIXES, matches=_matches, scorer=_scorer)
-
-
-_FP4_POSITIVE = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-
-
-def encode_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """gpt-oss layout, packer written here: w [..., cols] (cols a multiple of 32) ->
-    (blocks uint8 [..., cols/32, 16], scales uint8 [..., cols/32])."""
-    groups = w.to(torch.float32).reshape(*w.shape[:-1], -1, GROUP)
-    amax = groups.abs().amax(-1).clamp(min=2.0 ** -120)
-    # The smallest power of two that brings the group's largest value within 6.
-    exp = torch.ceil(torch.log2(amax / 6.0))
-    scaled = groups / torch.exp2(exp)[..., None]
-    code = (scaled.abs()[..., None] - torch.tensor(_FP4_POSITIVE)).abs().argmin(-1)
-    code = code | ((scaled < 0) & (code > 0)).to(torch.long) << 3
-    packed = (code[..., 0::2] | code[..., 1::2] << 4).to(torch.uint8)
-    return packed.contiguous(), (exp + 127).to(torch.uint8).contiguous()
-
-
-CT_WEIGHTS = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group",
-              "group_size": GROUP, "dynamic": False}
-
-
-def encode(w: torch.Tensor, e8m0: bool = False) -> dict[str, torch.Tensor]:
-    """Per expert, packed by the `compressed-tensors` package (its MXFP4 compressor);
-    e8m0: scales stored as F8_E8M0 instead of uint8 (same bytes)."""
-    from vllm_aimer.encodings.ct_producer import ct_compress
-
-    out = ct_compress(w, CT_WEIGHTS, "mxfp4-pack-quantized")
-    if e8m0:
-        out["weight_scale"] = out["weight_scale"].view(torch.float8_e8m0fnu)
-    return out
-
-
-def quantization_config(fused: bool = False) -> Mapping[str, Any]:
-    if fused:
-        return {"quant_method": "mxfp4",
-                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                           "model.embed_tokens", "lm_head"]}
-    from vllm_aimer.encodings.ct_producer import ct_config
-
-    return ct_config(CT_WEIGHTS, "mxfp4-pack-quantized",
-                     {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group",
-                      "group_size": GROUP, "dynamic": True})

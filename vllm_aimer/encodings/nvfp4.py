@@ -14,14 +14,16 @@ scale_2.)"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from vllm_aimer.lazy import torch
 
 from vllm_aimer.encodings.base import (Encoding, MatrixScorer, Projection, QuantConfig, Sums,
-                                       add_fp4_groups, ct_scheme, f64, has, modelopt_algo,
-                                       modelopt_group_size, only, refuse, row_spans)
+                                       add_fp4_groups, f64, has, modelopt_algo,
+                                       modelopt_group_size, only, refuse, require_ct_fp4_scheme,
+                                       row_spans)
+
+__all__ = ["ENCODING", "GROUP", "MODELOPT", "CT", "SUFFIXES", "Nvfp4Scorer"]
 
 GROUP = 16
 MODELOPT = frozenset({"weight", "weight_scale", "weight_scale_2", "input_scale", "bias"})
@@ -45,6 +47,9 @@ def _matches(quant: QuantConfig, proj: Projection) -> bool:
 
 
 class Nvfp4Scorer(MatrixScorer):
+    """NVFP4 values times their group's FP8 scale and the global scale, in the ModelOpt
+    or compressed-tensors flavour (see above)."""
+
     def __init__(self, proj: Projection, flavour: str) -> None:
         t = proj.tensors
         main, glob = (("weight", "weight_scale_2") if flavour == "modelopt"
@@ -77,21 +82,14 @@ def _scorer(quant: QuantConfig, proj: Projection) -> Nvfp4Scorer:
                          "check quantization_config (or hf_quant_config.json), or pass a plan "
                          "file (a plan needs no scores).")
     else:
-        scheme = ct_scheme(quant, proj.module) if quant.method == "compressed-tensors" else None
-        w = scheme.weights if scheme else {}
-        if (scheme is None or w.get("type") != "float" or w.get("num_bits") != 4
-                or w.get("group_size") != GROUP):
-            raise refuse(proj, "compressed-tensors NVFP4 tensors, but the config has no 4-bit "
-                         f"float scheme in groups of 16 for {proj.module} (found: "
-                         f"{dict(w) if w else 'none'}).",
-                         "check quantization_config in config.json, or pass a plan file.")
+        require_ct_fp4_scheme(quant, proj, GROUP, "compressed-tensors NVFP4 tensors")
     packed = proj.tensors["weight" if flavour == "modelopt" else "weight_packed"]
     scale = proj.tensors["weight_scale"]
     glob = proj.tensors["weight_scale_2" if flavour == "modelopt" else "weight_global_scale"]
     if (len(packed.shape) != 2 or packed.shape[1] % (GROUP // 2)
             or tuple(scale.shape) != (packed.shape[0], packed.shape[1] // (GROUP // 2))
             or glob.numel != 1):
-        raise refuse(proj, f"NVFP4 expects packed [R, C/2] with C a multiple of 16, scales "
+        raise refuse(proj, "NVFP4 expects packed [R, C/2] with C a multiple of 16, scales "
                      "[R, C/16] and one global scale.", "use the checkpoint as released.")
     return Nvfp4Scorer(proj, flavour)
 
@@ -100,31 +98,3 @@ ENCODING = Encoding(
     name="nvfp4", label="NVFP4 (ModelOpt `weight` uint8 + `weight_scale` + `weight_scale_2`; "
     "compressed-tensors `weight_packed` + `weight_scale` + `weight_global_scale`)",
     suffixes=SUFFIXES, matches=_matches, scorer=_scorer)
-
-
-CT_WEIGHTS = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
-              "group_size": GROUP, "dynamic": False}
-
-
-def encode(w: torch.Tensor, flavour: str = "compressed-tensors") -> dict[str, torch.Tensor]:
-    """Packed by the `compressed-tensors` package (its NVFP4 compressor). ModelOpt's
-    layout is the same bytes and block scales with weight_scale_2 = 1 / global scale
-    (the renaming is written here)."""
-    from vllm_aimer.encodings.ct_producer import ct_compress
-
-    out = ct_compress(w, CT_WEIGHTS, "nvfp4-pack-quantized")
-    if flavour == "compressed-tensors":
-        return out
-    return {"weight": out["weight_packed"], "weight_scale": out["weight_scale"],
-            "weight_scale_2": (1.0 / out["weight_global_scale"].to(torch.float32)).reshape(())}
-
-
-def quantization_config(flavour: str = "compressed-tensors") -> Mapping[str, Any]:
-    if flavour == "modelopt":
-        return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": GROUP,
-                "kv_cache_quant_algo": None, "exclude_modules": ["lm_head", "*.mlp.gate"]}
-    from vllm_aimer.encodings.ct_producer import ct_config
-
-    return ct_config(CT_WEIGHTS, "nvfp4-pack-quantized",
-                     {"num_bits": 4, "type": "float", "symmetric": True,
-                      "strategy": "tensor_group", "group_size": GROUP, "dynamic": "local"})

@@ -10,7 +10,6 @@ Dequantized value = (code - zero) x scale[r, group(c)], zero = 0 when symmetric
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from vllm_aimer.lazy import torch
@@ -19,6 +18,8 @@ from vllm_aimer.encodings.base import (Encoding, MatrixScorer, Projection, Quant
                                        abs_sq_sums, ceil_div, codes_u8, col_group_sums,
                                        ct_scheme, f64, has, only, refuse, row_spans,
                                        unpack_int32)
+
+__all__ = ["ENCODING", "SUFFIXES", "PackQuantizedScorer"]
 
 SUFFIXES = frozenset({"weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
                       "weight_g_idx", "bias"})
@@ -30,6 +31,10 @@ def _matches(quant: QuantConfig, proj: Projection) -> bool:
 
 
 class PackQuantizedScorer(MatrixScorer):
+    """pack-quantized codes less their offset or zero point, times their group's or
+    row's scale; `add` raises AimerError when `weight_shape` does not fit the packed
+    tensor and scales."""
+
     def __init__(self, proj: Projection, bits: int, group: int | None, groups: int,
                  symmetric: bool) -> None:
         t = proj.tensors
@@ -123,31 +128,3 @@ ENCODING = Encoding(
     name="pack-quantized", label="compressed-tensors pack-quantized INT4/INT8 (`weight_packed` + "
     "`weight_scale` + `weight_shape` [+ `weight_zero_point`, `weight_g_idx`])",
     suffixes=SUFFIXES, matches=_matches, scorer=_scorer)
-
-
-def ct_weights_args(bits: int = 4, group: int | None = 128, symmetric: bool = True,
-                    actorder: str | None = None) -> dict[str, Any]:
-    return {"num_bits": bits, "type": "int", "symmetric": symmetric,
-            "strategy": "group" if group else "channel", "group_size": group,
-            "actorder": actorder, "dynamic": False}
-
-
-def encode(w: torch.Tensor, bits: int = 4, group: int | None = 128, symmetric: bool = True,
-           g_idx: torch.Tensor | None = None, scale_dtype: torch.dtype | str | None = "bfloat16"
-           ) -> dict[str, torch.Tensor]:
-    """Packed by the `compressed-tensors` package (pack_to_int32 and its qparams);
-    `scale_dtype` a torch dtype or its name."""
-    from vllm_aimer.encodings.ct_producer import ct_compress
-
-    if isinstance(scale_dtype, str):
-        scale_dtype = getattr(torch, scale_dtype)
-
-    args = ct_weights_args(bits, group, symmetric, "group" if g_idx is not None else None)
-    return ct_compress(w, args, "pack-quantized", scale_dtype, g_idx)
-
-
-def quantization_config(bits: int = 4, group: int | None = 128, symmetric: bool = True,
-                        actorder: str | None = None) -> Mapping[str, Any]:
-    from vllm_aimer.encodings.ct_producer import ct_config
-
-    return ct_config(ct_weights_args(bits, group, symmetric, actorder), "pack-quantized")

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_aimer.lazy import torch
-
 from vllm_aimer.dtypes import FLOAT_DTYPES
 from vllm_aimer.encodings.base import Encoding, Projection, QuantConfig, Scorer, Sums, only
 from vllm_aimer.encodings.reduce import float_sums
+
+__all__ = ["ENCODING", "SUFFIXES", "FUSED_SUFFIXES", "PlainScorer"]
 
 SUFFIXES = frozenset({"weight", "bias"})
 FUSED_SUFFIXES = frozenset({"", "_bias"})
@@ -53,8 +53,3 @@ def _scorer(quant: QuantConfig, proj: Projection) -> Scorer:
 ENCODING = Encoding(
     name="float", label="plain float weights (F32/BF16/F16: `<proj>.weight`, fused `experts.<proj>`)",
     suffixes=SUFFIXES, fused_suffixes=FUSED_SUFFIXES, matches=_matches, scorer=_scorer)
-
-
-def encode(w: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """A weight [out, in] as stored: `weight` in `dtype` (default bfloat16)."""
-    return {"weight": w.to(dtype or torch.bfloat16).contiguous()}

@@ -20,6 +20,8 @@ import threading
 
 import numpy as np
 
+__all__ = ["RUN", "STORAGE", "rowdot", "scratch", "float_sums", "storage_view"]
+
 RUN = 256
 """Values per float32 partial sum (BLAS dot products accumulate over several lanes,
 so each lane adds a handful of values before the float64 total)."""
@@ -55,6 +57,8 @@ class _Scratch(threading.local):
 
 
 scratch = _Scratch()
+"""Per-thread scratch memory: `scratch.get(nbytes)` is a uint8 view of `nbytes` bytes,
+reused by the next call in the same thread."""
 
 
 def _magnitude_sums(m: np.ndarray, ones: np.ndarray) -> tuple[float, float]:

@@ -13,9 +13,12 @@ from vllm_aimer.lazy import torch
 
 from vllm_aimer.encodings.base import Projection, ceil_div, refuse
 
+__all__ = ["Strategy", "ct_strategy", "check_scale", "expand_tile"]
+
 
 @dataclass(frozen=True)
 class Strategy:
+    """How one scale entry covers a weight [rows, cols]."""
     kind: str
     """tensor, channel, block or group."""
     block: tuple[int, int] | None = None
@@ -24,6 +27,7 @@ class Strategy:
     """group: columns per scale."""
 
     def scale_shapes(self, rows: int, cols: int) -> list[tuple[int, ...]]:
+        """The scale shapes producers write for a weight [rows, cols]."""
         if self.kind == "tensor":
             return [(), (1,), (1, 1)]
         if self.kind == "channel":
@@ -69,6 +73,11 @@ def ct_strategy(weights: Mapping[str, Any]) -> Strategy | None:
 
 
 def check_scale(proj: Projection, suffix: str, strategy: Strategy, rows: int, cols: int) -> None:
+    """Check that tensor `suffix` of `proj` has a shape `strategy` allows.
+
+    Raises:
+        AimerError: it has another shape.
+    """
     scale = proj.tensors[suffix]
     shapes = strategy.scale_shapes(rows, cols)
     if tuple(scale.shape) not in shapes:

@@ -1,4 +1,4 @@
-"""Tiny MoE checkpoints built locally: the demo's default model and the tests' fixtures.
+"""Tiny MoE checkpoints built locally: the tests' and benchmarks' fixtures.
 
 Each routed expert's weights are drawn as sign(u) * |u|^alpha with u Gaussian and
 an alpha per expert, so AIMER scores are well separated (alpha < 1 flattens the
@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from vllm_aimer.testing.encoders import fp8_block, mxfp4
+
+__all__ = ["FAMILIES", "CHAT_TEMPLATE", "EXPERT_BIASES", "build_tiny_moe", "build_tokenizer",
+           "expert_alphas", "add_mtp_layers", "fuse_experts", "quantize_experts",
+           "quantize_experts_fp8", "quantize_experts_mxfp4", "write_json"]
 
 FAMILIES = ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3",
             "ernie4_5_moe", "glm4_moe", "llama4", "gpt_oss")
@@ -116,7 +122,8 @@ EXPERT_BIASES = ("e_score_correction_bias", "experts.gate_up_proj_bias", "expert
 
 
 def build_tokenizer(directory: Path, vocab: int = 256) -> None:
-    """A small BPE tokenizer with a chat template, trained here (no downloads)."""
+    """A small BPE tokenizer (`vocab` tokens) with a chat template, trained here (no
+    downloads) and saved to `directory`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -158,6 +165,13 @@ def build_tiny_moe(directory: str | Path, family: str = "qwen3_moe", *, num_laye
     at `model.layers.{num_layers + i}`, as DeepSeek-V3 and GLM-4.5 releases do.
     kv_lora_rank (deepseek_v2/v3): MLA's latent width (default 256); vLLM's CPU MLA
     decode kernel runs only DeepSeek's released 512 (+ 64 rope = 576).
+
+    Returns:
+        `directory`, as a Path.
+
+    Raises:
+        ValueError: `family` is not one of FAMILIES, or mxfp4 is asked of a family
+            other than gpt_oss.
     """
     import transformers
 
@@ -270,25 +284,15 @@ def _update_config(directory: Path, **values: Any) -> None:
     write_json(directory / "config.json", config | values)
 
 
-def pack_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """MXFP4-quantize w [..., cols] (cols a multiple of 32) along its last dim:
-    (blocks uint8 [..., cols/32, 16], scales uint8 [..., cols/32])."""
-    from vllm_aimer.encodings import mxfp4
-
-    return mxfp4.encode_blocks(w)
-
-
 def quantize_experts_mxfp4(directory: Path) -> None:
     """Rewrite gpt-oss fused `experts.gate_up_proj` [E, H, 2I] and `experts.down_proj`
     [E, I, H] as `*_blocks` / `*_scales` over their [E, out, in] transposes, the layout
     of the gpt-oss MXFP4 releases, and record `quantization_config`."""
-    from vllm_aimer.encodings import mxfp4
-
     def transform(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, t in tensors.items():
             if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                out[name + "_blocks"], out[name + "_scales"] = pack_mxfp4(t.transpose(1, 2))
+                out[name + "_blocks"], out[name + "_scales"] = mxfp4.encode_blocks(t.transpose(1, 2))
             else:
                 out[name] = t
         return out
@@ -307,8 +311,6 @@ def quantize_experts_fp8(directory: Path, block: tuple[int, int] = (128, 128),
     `also`: a regex of more 2-D weights to quantize the same way (attention, as the
     released checkpoints do); `ignored_layers`: vLLM module names left unquantized."""
     import re
-
-    from vllm_aimer.encodings import fp8_block
 
     fused = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 
@@ -340,7 +342,7 @@ def quantize_experts(directory: Path, encode: Callable[[torch.Tensor], dict[str,
     """Rewrite every per-expert `experts.{id}.<proj>.weight` [out, in] (or every weight
     `pattern` matches) as the tensors `encode` returns (`<proj>.<suffix>`), and record
     `quantization_config`: a tiny checkpoint in any per-expert encoding of
-    vllm_aimer.encodings."""
+    vllm_aimer.encodings (encoders in vllm_aimer.testing.encoders)."""
     import re
 
     per_expert = re.compile(pattern)
@@ -388,4 +390,5 @@ def fuse_experts(directory: Path, family: str) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
+    """Write `data` to `path` as indented JSON."""
     path.write_text(json.dumps(data, indent=1))

@@ -7,7 +7,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vllm_aimer.lazy import torch
+import torch
+
+__all__ = ["ct_compress", "ct_config"]
 
 
 def _min_max(w: torch.Tensor, args: Any) -> tuple[torch.Tensor, torch.Tensor]:
