@@ -347,3 +347,33 @@ def test_gpu_packing_gives_the_definition(tiny_checkpoint, kwargs, buffer_bytes)
             t[0], t[1], t[2] = t[0] + s.abs_sum, t[1] + s.sq_sum, t[2] + s.numel
     got = {layer: [aimer_score(*t) for t in ts] for layer, ts in totals.items()}
     assert_scores_close(got, reference_scores(model))
+
+
+# Whole blocks: block FP8's threaded numpy path (the case that looks like plain float work).
+@pytest.mark.parametrize("kwargs", [{"fp8_block": (32, 32)}, {"fp8_block": (16, 16), "fused": True}],
+                         ids=["fp8-block", "fp8-block-fused"])
+def test_gpu_path_leaves_quantized_projections_to_their_decoders(tiny_checkpoint, kwargs,
+                                                                 monkeypatch):
+    """score_checkpoint(device="cuda") hands only plain float projections to the GPU
+    reduction; block FP8 (threaded on the CPU, but packed codes with scales) stays with
+    its decoder. No GPU here: the reduction runs its own code with device "cpu" (the
+    only stand-in), and the scores must equal the CPU path's."""
+    import vllm_aimer.gpu_scoring as gpu_scoring
+    from vllm_aimer.scoring import score_checkpoint
+
+    real = gpu_scoring.device_sums
+    handed: list[str] = []
+
+    def on_cpu(shards, items, device, threads, **kw):
+        assert device == "cuda"
+        handed.extend(st.info.dtype for st, _ in items)
+        return real(shards, items, "cpu", threads, **kw)
+
+    monkeypatch.setattr(gpu_scoring, "device_sums", on_cpu)
+    model = tiny_checkpoint("qwen3_moe", **kwargs)
+    ckpt = open_checkpoint(model)
+    layout = expert_layout(ckpt)
+    assert all(st.scorer.threaded for layer in layout.layers for st in layout.scored[layer])
+    got = score_checkpoint(ckpt, layout, device="cuda").scores
+    assert "F8_E4M3" not in handed
+    assert got == score_checkpoint(ckpt, layout, device="cpu").scores

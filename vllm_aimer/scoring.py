@@ -128,7 +128,7 @@ def score_checkpoint(
         if on_device:
             from vllm_aimer.gpu_scoring import device_sums
 
-            plain = [i for i, (_, st) in enumerate(items) if st.scorer.threaded]
+            plain = [i for i, (_, st) in enumerate(items) if st.scorer.plain_float]
             for i, part in zip(plain, device_sums(
                     shards, [(items[i][1], layout.num_experts) for i in plain], device,
                     workers)):

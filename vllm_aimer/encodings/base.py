@@ -240,6 +240,10 @@ class Scorer:
     threaded: bool = False
     """Whether `add` may run in a worker thread: it reads only through the shards'
     memory maps (`f.array`) and touches only the `accs` it is given."""
+    plain_float: bool = False
+    """Whether the projection is one plain float tensor whose values are the weights,
+    the only kind the GPU reduction (`gpu_scoring`) takes; a threaded scorer of
+    packed values (block FP8's numpy path) is not."""
 
     def add(self, f: Any, accs: Sequence[Sums], chunk_elements: int) -> None:
         """Add the projection's sums to `accs`.

@@ -27,6 +27,7 @@ class PlainScorer(Scorer):
     chunks per thread however large the tensor."""
 
     threaded = True
+    plain_float = True
 
     def __init__(self, proj: Projection) -> None:
         self.info = proj.tensors["" if proj.fused else "weight"]
