@@ -296,3 +296,23 @@ def test_the_start_up_estimate_warns_near_the_engine_timeout(olmoe, monkeypatch,
         _log_estimate(layout, layout.all_layers, ckpt)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings and "Raise VLLM_ENGINE_READY_TIMEOUT_S" in warnings[0]
+
+
+def test_a_cached_plan_is_checked_against_the_deployment(olmoe, built, blackwell, tmp_path):
+    """A plan cache entry may come from another version or machine: on a hit its kept
+    count must pass this deployment's rules too. The entry for ratio 0.5 here prunes 6
+    (keeps 10), which FlashInfer's TRT-LLM kernels on Blackwell reject."""
+    from vllm_aimer.checkpoint import open_checkpoint
+    from vllm_aimer.layout import expert_layout
+    from vllm_aimer.plan import make_plan
+    from vllm_aimer.plan_cache import cached_plan
+    from vllm_aimer.scoring import score_checkpoint
+
+    ckpt = open_checkpoint(olmoe)
+    layout = expert_layout(ckpt)
+    scores = score_checkpoint(ckpt, layout).scores
+    cache = tmp_path / "cache"
+    cached_plan(cache, ckpt.fingerprint, 0.5, lambda: make_plan(layout, scores, 6 / 16,
+                                                                ckpt.fingerprint))
+    expect_error(olmoe, {"prune_ratio": 0.5, "plan_cache": str(cache)}, "cached plan in",
+                 "multiple of 4", "Blackwell", built=built, tweak=blackwell)

@@ -232,8 +232,12 @@ class AimerModelLoader(DefaultModelLoader):
             return scored_now(score())
         if not hit:
             return scored_now(plan)
-        # Written by another version or rank: check it as strictly as a plan file.
-        return PlanDecision(conform(plan, layout, f"cached plan in {cache_dir}"), "cache", 0.0)
+        # Written by another version or rank: check it as strictly as a plan file,
+        # this deployment's rules (EP split, GPU kernels) included.
+        where = f"cached plan in {cache_dir}"
+        plan = conform(plan, layout, where)
+        check_prune_count(plan.router, plan.pruned_per_layer, where, deployment)
+        return PlanDecision(plan, "cache", 0.0)
 
     def _score(self, ckpt: Checkpoint, layout: ExpertLayout,
                layers: tuple[int, ...]) -> ScoringResult:
@@ -363,7 +367,7 @@ def _deployment(vllm_config: VllmConfig) -> Deployment:
 
 def _refuse_unproven(vllm_config: VllmConfig) -> None:
     """Refuse, before anything is read, what a pruned model cannot be proven to serve
-    correctly (the kept count itself is checked against `_deployment` in _make_plan)."""
+    correctly (the kept count itself is checked against `_deployment` in _decide_plan)."""
     parallel = vllm_config.parallel_config
     if parallel.enable_eplb:
         raise AimerError(
