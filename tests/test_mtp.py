@@ -114,3 +114,15 @@ def test_expert_tensors_beyond_the_config_are_refused(tiny_checkpoint, tmp_path)
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(AimerError, match=r"layer\(s\) \[4\].*num_hidden_layers=4"):
         expert_layout(open_checkpoint(copy))
+
+
+def test_a_plan_that_leaves_out_the_mtp_layer_cannot_be_streamed(mtp, want, tmp_path):
+    """Every way to a plan (file, cache, the target's) ends in PlanMap, which refuses a
+    pruning plan that does not name every MoE layer: the MTP layer would otherwise
+    stream all 16 experts and an unsliced router into a layer built with 8."""
+    _, ckpt, layout = mtp
+    path = tmp_path / "pruned_experts.json"
+    path.write_text(json.dumps({str(l): want[l] for l in (1, 2, 3)}))
+    trunk_only = read_plan(path, layout, ckpt.fingerprint)
+    with pytest.raises(AimerError, match=r"does not name MoE layers \[4\]"):
+        PrunedWeights(ckpt, layout, trunk_only)

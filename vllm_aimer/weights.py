@@ -58,6 +58,9 @@ class PlanMap:
     Args:
         layout: the checkpoint's expert layout (names, expert count, MTP base).
         plan: the plan for that checkpoint.
+
+    Raises:
+        AimerError: the plan prunes but leaves out a MoE layer of the layout.
     """
 
     def __init__(self, layout: ExpertLayout, plan: Plan) -> None:
@@ -65,6 +68,15 @@ class PlanMap:
         self.mtp_base = layout.mtp_base
         self.num_experts = layout.num_experts
         self.kept = plan.kept_by_layer()
+        missing = sorted(set(layout.all_layers) - set(self.kept))
+        if plan.total_pruned and missing:
+            # vLLM builds every MoE layer (MTP included) with the kept count: a layer the
+            # plan leaves out would stream all its experts and an unsliced router.
+            raise AimerError(
+                f"plan {plan.plan_hash} prunes {plan.pruned_per_layer} experts per layer but "
+                f"does not name MoE layers {missing} of this checkpoint.",
+                "name every MoE layer in the plan (MTP layers too), or pass a plan file "
+                "without MTP layers so that the loader scores them.")
         self.new_id = {layer: {old: new for new, old in enumerate(kept)}
                        for layer, kept in self.kept.items()}
 
