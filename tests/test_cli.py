@@ -271,3 +271,23 @@ def test_offline_commands_import_neither_vllm_nor_torch(tiny_checkpoint, tmp_pat
                               text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.splitlines()[-1] == "LOADED []", (argv[0], proc.stdout[-500:])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["plan", "{model}", "{plan}", "--ratio", "1.5"], "prune_ratio must be in [0, 1), got 1.5."),
+    (["plan", "{model}", "{plan}", "--ratio", "half"], "--ratio must be a number, got 'half'."),
+    (["plan", "{model}", "{plan}", "--ratio", "nan"], "--ratio must be a finite number"),
+    (["score", "{model}", "--ratio", "0.5", "--output", "{out}", "--threads", "0"],
+     "--threads must be a positive integer, got '0'."),
+], ids=["ratio_out_of_range", "ratio_word", "ratio_nan", "threads_zero"])
+def test_bad_numbers_name_what_is_wrong(runs, args, needle, capsys, tmp_path):
+    """A number out of range is not called "not a number" (AimerError is a ValueError,
+    so the parse and the range check must not share one except clause)."""
+    fill = {"model": runs["model"], "plan": runs["root"] / "authors" / "pruned_experts.json",
+            "out": tmp_path / "out"}
+    from vllm_aimer.cli import main
+
+    assert main([a.format(**fill) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert not (tmp_path / "out").exists()

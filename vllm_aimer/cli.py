@@ -12,6 +12,7 @@ from vllm_aimer.checkpoint import open_checkpoint
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import ExpertLayout, expert_layout
 from vllm_aimer.files import atomic_write_text, ensure_writable_dir
+from vllm_aimer.options import number, positive_int
 from vllm_aimer.outputs import write_plan_outputs
 from vllm_aimer.constraints import (Deployment, Gpu, Router, allowed_ratios, check_ratio,
                                    prune_count, ratio_text)
@@ -65,11 +66,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     from vllm_aimer.criteria import check_criteria, criterion_scores
 
     [criterion] = check_criteria([args.criterion])
+    threads = _threads_arg(args.threads)
     ckpt = open_checkpoint(args.model)
     layout = expert_layout(ckpt)
     prune_count(len(layout.layers), _router(layout), args.ratio)
     out = ensure_writable_dir(args.output, "output")
-    threads = _threads_arg(args.threads)
     device, _ = scoring_device(args.device)
     # Random reads no weights, unless the plot needs the weight-based scores.
     result = (score_checkpoint(ckpt, layout, progress=not args.quiet, threads=threads,
@@ -175,24 +176,14 @@ def cmd_plan_convert(args: argparse.Namespace) -> int:
 def _threads_arg(value: str | None) -> int | None:
     if value is None:
         return None
-    try:
-        threads = int(value)
-    except ValueError:
-        threads = 0
-    if threads < 1:
-        raise AimerError(f"--threads must be a positive integer, got {value!r}.",
-                         "pass e.g. --threads 8, or leave it out (one per CPU, at least 4).")
-    return threads
+    return positive_int(value, "--threads",
+                        "pass e.g. --threads 8, or leave it out (one per CPU, at least 4).")
 
 
 def _ratio_arg(value: str | None) -> float | None:
     if value is None:
         return None
-    try:
-        return check_ratio(float(value))
-    except ValueError:
-        raise AimerError(f"--ratio must be a number, got {value!r}.",
-                         "pass e.g. --ratio 0.5.") from None
+    return check_ratio(number(value, "--ratio", "pass e.g. --ratio 0.5."))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

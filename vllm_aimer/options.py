@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,7 +12,8 @@ from typing import Any
 from vllm_aimer.errors import AimerError
 from vllm_aimer.constraints import check_ratio
 
-__all__ = ["AIMER_KEYS", "PARENT_KEYS", "AimerOptions", "parse_options"]
+__all__ = ["AIMER_KEYS", "PARENT_KEYS", "AimerOptions", "parse_options", "number",
+           "positive_int"]
 
 AIMER_KEYS: tuple[str, ...] = ("prune_ratio", "plan", "plan_out", "plan_cache", "scoring_device")
 # Keys vLLM's DefaultModelLoader understands; passed through to it unchanged.
@@ -94,3 +96,37 @@ def parse_options(extra: Mapping[str, Any] | str | None) -> AimerOptions:
                          'pass e.g. "scoring_device": "cpu" (auto uses the GPU when there is one).')
     parent = {k: v for k, v in extra.items() if k in PARENT_KEYS}
     return AimerOptions(ratio, plan, plan_out, plan_cache, parent, device)
+
+
+def number(value: Any, flag: str, fix: str) -> float:
+    """A command-line or config value as a finite float.
+
+    Args:
+        value: a string from the command line, or a number.
+        flag: how the user named it (e.g. "--ratio"), for the message.
+        fix: the message's fix.
+
+    Raises:
+        AimerError: it is a bool, not a number, or not finite.
+    """
+    if isinstance(value, bool):
+        raise AimerError(f"{flag} must be a number, got {value!r}.", fix)
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise AimerError(f"{flag} must be a number, got {value!r}.", fix) from None
+    if not math.isfinite(result):
+        raise AimerError(f"{flag} must be a finite number, got {value!r}.", fix)
+    return result
+
+
+def positive_int(value: Any, flag: str, fix: str) -> int:
+    """A command-line or config value as a positive integer ("8" and 8.0 pass).
+
+    Raises:
+        AimerError: as `number`, or it is not a whole number of at least 1.
+    """
+    result = number(value, flag, fix)
+    if result != int(result) or result < 1:
+        raise AimerError(f"{flag} must be a positive integer, got {value!r}.", fix)
+    return int(result)

@@ -3,13 +3,13 @@ from the command line, or numbers) into a `FitOptions`, one AimerError per bad v
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from vllm_aimer.constraints import Deployment, Gpu, check_ratio
 from vllm_aimer.errors import AimerError
+from vllm_aimer.options import number, positive_int
 from vllm_aimer.units import GIB
 
 __all__ = ["FitOptions", "fit_options", "KV_CACHE_DTYPE_BYTES", "DEFAULT_GPU_MEMORY_GIB",
@@ -34,25 +34,6 @@ KV_CACHE_DTYPE_BYTES: Mapping[str, int | None] = {
     "auto": None, "bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4,
     "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "fp8_inc": 1,
 }
-
-
-def _number(value: Any, flag: str, fix: str) -> float:
-    if isinstance(value, bool):
-        raise AimerError(f"{flag} must be a number, got {value!r}.", fix)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise AimerError(f"{flag} must be a number, got {value!r}.", fix) from None
-    if not math.isfinite(number):
-        raise AimerError(f"{flag} must be a finite number, got {value!r}.", fix)
-    return number
-
-
-def _positive_int(value: Any, flag: str, fix: str) -> int:
-    number = _number(value, flag, fix)
-    if number != int(number) or number < 1:
-        raise AimerError(f"{flag} must be a positive integer, got {value!r}.", fix)
-    return int(number)
 
 
 @dataclass(frozen=True)
@@ -107,18 +88,18 @@ def fit_options(*, gpus: Any = None, gpu_memory_gib: Any = None,
     """
     opts: dict[str, Any] = {}
     if gpus is not None:
-        opts["gpus"] = _positive_int(
+        opts["gpus"] = positive_int(
             gpus, "--gpus", "pass how many GPUs to shard the model over with tensor "
             "parallelism, e.g. --gpus 2 (at least 1).")
     if gpu_memory_gib is not None:
-        g = _number(gpu_memory_gib, "--gpu-memory-gib",
+        g = number(gpu_memory_gib, "--gpu-memory-gib",
                     "pass one GPU's memory in GiB, e.g. --gpu-memory-gib 80.")
         if g <= 0:
             raise AimerError(f"--gpu-memory-gib must be positive, got {gpu_memory_gib!r}.",
                              "pass one GPU's memory in GiB, e.g. --gpu-memory-gib 80.")
         opts["gpu_memory_gib"] = g
     if gpu_memory_utilization is not None:
-        u = _number(gpu_memory_utilization, "--gpu-memory-utilization",
+        u = number(gpu_memory_utilization, "--gpu-memory-utilization",
                     "pass the fraction of GPU memory vLLM may use, in (0, 1], e.g. 0.9.")
         if not 0.0 < u <= 1.0:
             raise AimerError(
@@ -126,18 +107,18 @@ def fit_options(*, gpus: Any = None, gpu_memory_gib: Any = None,
                 "pass the fraction of GPU memory vLLM may use, e.g. 0.9 (not a percentage).")
         opts["gpu_memory_utilization"] = u
     if overhead_gib is not None:
-        o = _number(overhead_gib, "--overhead-gib",
+        o = number(overhead_gib, "--overhead-gib",
                     "pass the per-GPU runtime overhead in GiB, e.g. --overhead-gib 1.5.")
         if o < 0:
             raise AimerError(f"--overhead-gib must be 0 or more, got {overhead_gib!r}.",
                              "pass the per-GPU runtime overhead in GiB, e.g. 1.5.")
         opts["overhead_gib"] = o
     if max_model_len is not None:
-        opts["max_model_len"] = _positive_int(
+        opts["max_model_len"] = positive_int(
             max_model_len, "--max-model-len",
             "pass the longest sequence (prompt + output) to serve, in tokens, e.g. 32768.")
     if max_num_seqs is not None:
-        opts["max_num_seqs"] = _positive_int(
+        opts["max_num_seqs"] = positive_int(
             max_num_seqs, "--max-num-seqs",
             "pass how many full-length sequences the KV cache must hold at once, e.g. 8.")
     if kv_cache_dtype is not None:
@@ -147,7 +128,7 @@ def fit_options(*, gpus: Any = None, gpu_memory_gib: Any = None,
                 f"use one of {', '.join(KV_CACHE_DTYPE_BYTES)} (auto: the model's dtype).")
         opts["kv_cache_dtype"] = kv_cache_dtype
     if ratio is not None:
-        opts["ratio"] = check_ratio(_number(
+        opts["ratio"] = check_ratio(number(
             ratio, "--ratio", "pass the fraction of routed experts to prune, e.g. 0.5."))
     if gpu is not None:
         kinds = [g.value for g in Gpu]
