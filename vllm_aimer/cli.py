@@ -14,9 +14,9 @@ from vllm_aimer.layout import ExpertLayout, expert_layout
 from vllm_aimer.files import atomic_write_text, ensure_writable_dir
 from vllm_aimer.options import number, positive_int
 from vllm_aimer.outputs import write_plan_outputs
-from vllm_aimer.constraints import (Deployment, Gpu, Router, allowed_ratios, check_ratio,
+from vllm_aimer.constraints import (Deployment, Gpu, allowed_ratios, check_ratio,
                                    prune_count, ratio_text)
-from vllm_aimer.plan import Plan, make_plan
+from vllm_aimer.plan import Plan
 from vllm_aimer.provenance import PROVENANCE_DIR, PROVENANCE_FILE, read_provenance
 from vllm_aimer.plan_formats import (FORMATS, WRITABLE_FORMATS, ascend_ratio, file_format,
                                      read_plan_file, write_plan_as)
@@ -26,13 +26,9 @@ from vllm_aimer.units import human_bytes
 __all__ = ["main", "build_parser", "build_convert_parser"]
 
 
-def _router(layout: ExpertLayout) -> Router:
-    return Router(layout.num_experts, layout.top_k, layout.n_group, layout.topk_group)
-
-
 def _safe_ratios(layout: ExpertLayout, ep_size: int) -> dict[str, list[float]]:
     """Per GPU kind, the prune ratios the loader accepts there with `ep_size` EP ranks."""
-    return {gpu.value: allowed_ratios(_router(layout), Deployment(ep_size, gpu)) for gpu in Gpu}
+    return {gpu.value: allowed_ratios(layout.router, Deployment(ep_size, gpu)) for gpu in Gpu}
 
 
 def _layout_facts(layout: ExpertLayout, fingerprint: str, ep_size: int = 1) -> dict:
@@ -63,21 +59,20 @@ def _print_plan(plan: Plan, expert_bytes: int | None = None) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from vllm_aimer.criteria import check_criteria, criterion_scores
+    from vllm_aimer.criteria import check_criteria, criterion_plan
 
     [criterion] = check_criteria([args.criterion])
     threads = _threads_arg(args.threads)
     ckpt = open_checkpoint(args.model)
     layout = expert_layout(ckpt)
-    prune_count(len(layout.layers), _router(layout), args.ratio)
+    prune_count(len(layout.layers), layout.router, args.ratio)
     out = ensure_writable_dir(args.output, "output")
     device, _ = scoring_device(args.device)
     # Random reads no weights, unless the plot needs the weight-based scores.
     result = (score_checkpoint(ckpt, layout, progress=not args.quiet, threads=threads,
                                device=device)
               if criterion != "random" or args.plot else None)
-    scores = criterion_scores(criterion, ckpt, layout, args.seed, result)
-    plan = make_plan(layout, scores, args.ratio, ckpt.fingerprint, criterion)
+    plan = criterion_plan(criterion, ckpt, layout, args.ratio, args.seed, result)
     written = write_plan_outputs(plan, out, model=str(args.model))
     _print_plan(plan, _layout_facts(layout, ckpt.fingerprint)["routed_expert_bytes"])
     if result is not None:
@@ -90,8 +85,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         # AIMER and magnitude side by side (the paper's Figure 2), plus the chosen one.
         shown = ["aimer", "magnitude"] + ([criterion] if criterion == "random" else [])
         plans = [plan if c == criterion else
-                 make_plan(layout, criterion_scores(c, ckpt, layout, args.seed, result),
-                           args.ratio, ckpt.fingerprint, c) for c in shown]
+                 criterion_plan(c, ckpt, layout, args.ratio, args.seed, result) for c in shown]
         written.append(save_png(scores_figure([panel_from_plan(p) for p in plans]),
                                 out / "scores.png"))
     for path in written:
@@ -161,7 +155,7 @@ def cmd_plan_convert(args: argparse.Namespace) -> int:
     text = write_plan_as(plan, args.to, model=str(args.checkpoint), ckpt=ckpt, layout=layout)
     if args.output:
         path = Path(args.output)
-        ensure_writable_dir(path.parent if str(path.parent) else ".", "output")
+        ensure_writable_dir(path.parent, "output")
         atomic_write_text(path, text)
         print(f"wrote {path} ({FORMATS[args.to]})", file=sys.stderr)
     else:

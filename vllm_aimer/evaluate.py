@@ -28,14 +28,14 @@ from tqdm.auto import tqdm
 
 from vllm_aimer.channel import engine_env
 from vllm_aimer.checkpoint import Checkpoint, open_checkpoint
-from vllm_aimer.criteria import DEFAULT_SEED, check_criteria, criterion_scores
+from vllm_aimer.criteria import DEFAULT_SEED, check_criteria, criterion_plan
 from vllm_aimer.errors import AimerError
 from vllm_aimer.eval_data import load_documents
 from vllm_aimer.layout import ExpertLayout, expert_layout
 from vllm_aimer.files import atomic_write_text, ensure_writable_dir
 from vllm_aimer.outputs import write_plan_outputs
-from vllm_aimer.constraints import Router, check_ratio, prune_count
-from vllm_aimer.plan import PLAN_FILE, Plan, make_plan
+from vllm_aimer.constraints import check_ratio, prune_count
+from vllm_aimer.plan import PLAN_FILE, Plan
 from vllm_aimer.scoring import ScoringResult, score_checkpoint
 from vllm_aimer.units import human_bytes
 
@@ -308,8 +308,7 @@ def run_eval(model: str | Path, data: str | Path, output: str | Path,
     layout = expert_layout(ckpt)
     for r in wanted:
         if r > 0:
-            prune_count(len(layout.layers), Router(layout.num_experts, layout.top_k,
-                                                   layout.n_group, layout.topk_group), r)
+            prune_count(len(layout.layers), layout.router, r)
     out = ensure_writable_dir(output, "output")
     model_dir = str(Path(model).resolve())
     fresh = EvalReport(model=model_dir, data=str(Path(data).resolve()),
@@ -337,8 +336,7 @@ def run_eval(model: str | Path, data: str | Path, output: str | Path,
             else:
                 if scored is None and spec.criterion in ("aimer", "magnitude"):
                     scored = score_checkpoint(ckpt, layout, progress=False)
-                scores = criterion_scores(spec.criterion, ckpt, layout, seed, scored)
-                plan = make_plan(layout, scores, spec.ratio, ckpt.fingerprint, spec.criterion)
+                plan = criterion_plan(spec.criterion, ckpt, layout, spec.ratio, seed, scored)
                 plan_dir = out / "plans" / spec.name
                 plan_dir.mkdir(parents=True, exist_ok=True)
                 write_plan_outputs(plan, plan_dir)

@@ -36,7 +36,7 @@ from vllm_aimer.dtypes import dtype_bits
 from vllm_aimer.errors import AimerError
 from vllm_aimer.layout import ExpertLayout
 from vllm_aimer.outputs import write_plan_outputs
-from vllm_aimer.constraints import Router, check_prune_count, check_ratio, prune_count
+from vllm_aimer.constraints import check_prune_count, check_ratio, prune_count
 from vllm_aimer.plan import Plan, identity_plan, make_plan, with_mtp_layers
 from vllm_aimer.plan_formats import FORMATS, file_format, read_plan_file
 from vllm_aimer.provenance import PROVENANCE_DIR, PROVENANCE_FILE, read_provenance
@@ -315,8 +315,7 @@ def export_plan(ckpt: Checkpoint, layout: ExpertLayout, *, ratio: float | None =
     ratio = check_ratio(ratio)
     if ratio == 0.0:
         return identity_plan(layout, ckpt.fingerprint), AIMER_CRITERION, "ratio 0 (nothing pruned)"
-    router = Router(layout.num_experts, layout.top_k, layout.n_group, layout.topk_group)
-    prune_count(len(layout.layers), router, ratio)
+    prune_count(len(layout.layers), layout.router, ratio)
     scores = _scores(ckpt, layout, layout.all_layers, progress)
     return (make_plan(layout, scores, ratio, ckpt.fingerprint), AIMER_CRITERION,
             f"AIMER scores at ratio {ratio:g}")

@@ -12,6 +12,7 @@ from typing import Any
 
 from vllm_aimer.architectures import ROLES, Architecture, architecture_for, config_value, text_config
 from vllm_aimer.checkpoint import Checkpoint, TensorInfo
+from vllm_aimer.constraints import Router
 from vllm_aimer.encodings import FUSED_SUFFIXES, Projection, QuantConfig, Scorer, scorer_for
 from vllm_aimer.encodings.base import quant_config
 from vllm_aimer.errors import AimerError
@@ -68,6 +69,11 @@ class ExpertLayout:
     def total_experts(self) -> int:
         """Routed experts of the trunk MoE layers (MTP layers not counted)."""
         return self.num_experts * len(self.layers)
+
+    @property
+    def router(self) -> Router:
+        """What the count rules (`constraints`) need of this checkpoint's routers."""
+        return Router(self.num_experts, self.top_k, self.n_group, self.topk_group)
 
     @property
     def all_layers(self) -> tuple[int, ...]:

@@ -34,7 +34,7 @@ from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
 
 from vllm_aimer.channel import rank, write_error, write_report
 from vllm_aimer.checkpoint import Checkpoint, open_checkpoint
-from vllm_aimer.constraints import Deployment, Gpu, Router, check_prune_count, prune_count
+from vllm_aimer.constraints import Deployment, Gpu, check_prune_count, prune_count
 from vllm_aimer.errors import AimerError
 from vllm_aimer.files import ensure_writable_dir
 from vllm_aimer.layout import ExpertLayout, expert_layout
@@ -208,8 +208,7 @@ class AimerModelLoader(DefaultModelLoader):
             return PlanDecision(identity_plan(layout, ckpt.fingerprint), "score", 0.0)
         # Fails on a ratio the router, EP split or kernels cannot take, before any
         # weight is read.
-        router = Router(layout.num_experts, layout.top_k, layout.n_group, layout.topk_group)
-        prune_count(len(layout.layers), router, ratio, deployment)
+        prune_count(len(layout.layers), layout.router, ratio, deployment)
         scored: list[ScoringResult] = []  # filled when the cache (or no cache) scores
 
         def score() -> Plan:

@@ -195,10 +195,6 @@ def select_pruned(scores: Sequence[float], k: int, n_group: int = 1,
     return sorted(pruned)
 
 
-def _router(layout: ExpertLayout) -> Router:
-    return Router(layout.num_experts, layout.top_k, layout.n_group, layout.topk_group)
-
-
 def _layer_plan(scores: Sequence[float], k: int, n_group: int,
                 lowest: bool = False) -> LayerPlan:
     s = [float(x) for x in scores]
@@ -237,7 +233,7 @@ def make_plan(layout: ExpertLayout, scores: Mapping[int, Sequence[float]], ratio
     """Prune the k highest-scored experts of every MoE layer (ties: lower id first), or
     the k lowest-scored for a criterion in PRUNES_LOWEST. k comes from the trunk
     layers; MTP layers (when `scores` has them) lose k too."""
-    k = prune_count(len(layout.layers), _router(layout), ratio)
+    k = prune_count(len(layout.layers), layout.router, ratio)
     lowest = criterion in PRUNES_LOWEST
     layers = {str(layer): _layer_plan(scores[layer], k, layout.n_group, lowest)
               for layer in layout.layers}

@@ -140,13 +140,15 @@ def score_checkpoint(
         target = min(64 << 20, max(1 << 20, total // (workers * 8)))
         task_of: dict[int, tuple[Future[list[list[Sums]]], int]] = {}
         run: list[int] = []
+        run_bytes = 0
         for n, i in enumerate(pooled):
             run.append(i)
-            if n + 1 == len(pooled) or sum(items[j][1].info.nbytes for j in run) >= target:
+            run_bytes += items[i][1].info.nbytes
+            if n + 1 == len(pooled) or run_bytes >= target:
                 future = pool.submit(_partials, [items[j][1] for j in run], shards,
                                      layout.num_experts, chunk_elements)
                 task_of.update({j: (future, k) for k, j in enumerate(run)})
-                run = []
+                run, run_bytes = [], 0
         for i, (layer, st) in enumerate(items):
             if i in device_parts:
                 part = device_parts.pop(i)

@@ -276,7 +276,7 @@ def facts_for_checkpoint(ckpt: Checkpoint) -> ModelFacts:
     # and its k come from the trunk layers.
     routed = sum(sum(layout.expert_bytes[layer]) for layer in layout.all_layers)
     router = sum(t.nbytes for t in ckpt.tensors.values() if arch.names.match_router(t.name) is not None)
-    n_group, topk_group = expert_groups(ckpt.config, arch, num_experts)
+    n_group, topk_group = layout.n_group, layout.topk_group
     try:
         dtype, dtype_bytes = model_dtype(ckpt.config)
     except AimerError:
