@@ -443,3 +443,29 @@ def test_cli_score_gives_the_dequantized_plan(quant_checkpoint, tmp_path, capsys
     assert quant["scorable"] is True and quant["expert_encodings"] == [FORMATS[name].encoding]
     assert quant["method"] == ("modelopt" if "modelopt" in name else
                                FORMATS[name].config["quant_method"])
+
+
+def test_compressed_tensors_scheme_lookup_follows_vllms_precedence():
+    """An exact module name beats a `re:` pattern beats a layer class, among equals the
+    first group; `ignore` drops a module by name or pattern, never by class."""
+    from vllm_aimer.encodings.base import QuantConfig, ct_scheme
+
+    expert = "model.layers.3.mlp.experts.5.down_proj"
+    groups = {"by_class": {"targets": ["Linear"], "weights": {"num_bits": 8}},
+              "by_regex": {"targets": [r"re:.*experts\.5\..*"], "weights": {"num_bits": 4}},
+              "by_name": {"targets": [expert], "weights": {"num_bits": 2}},
+              "class_again": {"targets": ["Linear"], "weights": {"num_bits": 16}}}
+
+    def bits(module: str, ignore: list[str], use: list[str]) -> int | None:
+        q = QuantConfig("compressed-tensors", {"ignore": ignore,
+                                               "config_groups": {g: groups[g] for g in use}})
+        scheme = ct_scheme(q, module)
+        return None if scheme is None else scheme.weights["num_bits"]
+
+    assert bits(expert, [], ["by_class", "by_regex", "by_name"]) == 2
+    assert bits(expert, [], ["by_class", "by_regex"]) == 4
+    assert bits(expert, [], ["by_class", "class_again"]) == 8
+    assert bits(expert.replace("experts.5", "experts.6"), [], ["by_regex"]) is None
+    assert bits(expert, [expert], ["by_name"]) is None
+    assert bits(expert, ["re:.*down_proj"], ["by_name"]) is None
+    assert bits(expert, ["Linear"], ["by_class"]) == 8

@@ -50,6 +50,18 @@ class QuantConfig:
     """quant_method lower-cased (ModelOpt's `modelopt_fp4` etc. kept); None: unquantized."""
     raw: Mapping[str, Any] = field(default_factory=dict)
 
+    @functools.cached_property
+    def ct_index(self) -> tuple[_CtTargets, list[tuple[_CtTargets, CtScheme]]]:
+        """compressed-tensors' ignore list and (targets, scheme) per config group, split
+        once for `ct_scheme` (computed on first use; `raw` is not changed after)."""
+        ignore = _CtTargets.of([t for t in self.raw.get("ignore") or () if isinstance(t, str)])
+        top = self.raw.get("format")
+        groups = [(_CtTargets.of(g.get("targets") or ()),
+                   CtScheme(g["weights"], g.get("format") or top, g.get("input_activations")))
+                  for g in (self.raw.get("config_groups") or {}).values()
+                  if isinstance(g, Mapping) and isinstance(g.get("weights"), Mapping)]
+        return ignore, groups
+
     def describe(self) -> str:
         """For messages: the method, with its algorithm, formats or bits and group when
         known; "unquantized" without a config."""
@@ -116,17 +128,6 @@ def ct_formats(quant: QuantConfig) -> list[str]:
     return [g.get("format") or top for g in groups.values() if isinstance(g, Mapping)]
 
 
-def _ct_target_rank(target: str, module: str) -> int | None:
-    """0: exact name, 1: regex, 2: layer class; None: no match."""
-    if target.startswith("re:"):
-        return 1 if re.match(target[3:], module) else None
-    if target == module:
-        return 0
-    if target in _CT_CLASS_TARGETS:
-        return 2
-    return None
-
-
 @dataclass(frozen=True)
 class CtScheme:
     """The parts of a compressed-tensors config group the encodings read."""
@@ -135,22 +136,44 @@ class CtScheme:
     input_activations: Mapping[str, Any] | None
 
 
+@dataclass(frozen=True)
+class _CtTargets:
+    """A target list split once: exact names, compiled `re:` patterns, and whether a
+    layer class (which every expert projection is) is among them. Built once per config
+    because a release lists hundreds of ignored modules and has tens of thousands of
+    expert projections to look up."""
+    names: frozenset[str]
+    patterns: tuple[re.Pattern[str], ...]
+    has_class: bool
+
+    @classmethod
+    def of(cls, targets: Sequence[Any]) -> _CtTargets:
+        text = [str(t) for t in targets]
+        return cls(frozenset(t for t in text if not t.startswith("re:")),
+                   tuple(re.compile(t[3:]) for t in text if t.startswith("re:")),
+                   any(t in _CT_CLASS_TARGETS for t in text))
+
+    def rank(self, module: str) -> int | None:
+        """0: exact name, 1: regex, 2: layer class; None: no match."""
+        if module in self.names:
+            return 0
+        if any(p.match(module) for p in self.patterns):
+            return 1
+        return 2 if self.has_class else None
+
+
 def ct_scheme(quant: QuantConfig, module: str) -> CtScheme | None:
     """The compressed-tensors scheme that applies to `module`, or None (ignored or
-    not targeted)."""
-    for target in quant.raw.get("ignore") or ():
-        if isinstance(target, str) and _ct_target_rank(target, module) in (0, 1):
-            return None
+    not targeted). Matched as vLLM does: an exact name before a regex before a layer
+    class; among equals, the first group."""
+    ignore, groups = quant.ct_index
+    if ignore.rank(module) in (0, 1):
+        return None
     best: tuple[int, CtScheme] | None = None
-    top = quant.raw.get("format")
-    for group in (quant.raw.get("config_groups") or {}).values():
-        if not isinstance(group, Mapping) or not isinstance(group.get("weights"), Mapping):
-            continue
-        for target in group.get("targets") or ():
-            rank = _ct_target_rank(str(target), module)
-            if rank is not None and (best is None or rank < best[0]):
-                best = (rank, CtScheme(group["weights"], group.get("format") or top,
-                                       group.get("input_activations")))
+    for targets, scheme in groups:
+        rank = targets.rank(module)
+        if rank is not None and (best is None or rank < best[0]):
+            best = (rank, scheme)
     return best[1] if best else None
 
 
