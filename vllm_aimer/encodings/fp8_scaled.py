@@ -9,17 +9,12 @@ methods)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from vllm_aimer.lazy import torch
-
 from vllm_aimer.dtypes import FP8_DTYPES
-from vllm_aimer.encodings.base import (Encoding, MatrixScorer, Projection, QuantConfig, Sums,
-                                       add_block_scaled, ceil_div, ct_scheme, f64, has,
-                                       modelopt_algo, only, refuse, row_spans)
-from vllm_aimer.encodings.scaled import Strategy, check_scale, ct_strategy
+from vllm_aimer.encodings.base import (Encoding, Projection, QuantConfig, ct_scheme, has,
+                                       modelopt_algo, only, refuse)
+from vllm_aimer.encodings.scaled import ScaledScorer, Strategy, check_scale, ct_strategy
 
-__all__ = ["ENCODING", "SUFFIXES", "strategy_for", "ScaledFp8Scorer"]
+__all__ = ["ENCODING", "SUFFIXES", "strategy_for"]
 
 SUFFIXES = frozenset({"weight", "weight_scale", "input_scale", "bias"})
 
@@ -65,32 +60,14 @@ def strategy_for(quant: QuantConfig, proj: Projection) -> Strategy:
                  "pass a plan file (a plan needs no scores).")
 
 
-class ScaledFp8Scorer(MatrixScorer):
-    """FP8 codes times `weight_scale` laid out as its `Strategy` says, per expert."""
-
-    def __init__(self, proj: Projection, strategy: Strategy) -> None:
-        self.weight, self.scale = proj.tensors["weight"], proj.tensors["weight_scale"]
-        super().__init__(proj, self.weight, self.scale)
-        self.strategy = strategy
-
-    def add_matrix(self, f: Any, acc: Sums, lead: tuple[int, ...], chunk_elements: int) -> None:
-        rows, cols = self.weight.shape
-        tile = self.strategy.tile(rows, cols)
-        scale = self.strategy.canonical(f64(f.get_tensor(self.scale.name)), rows)
-        sl = f.get_slice(self.weight.name)
-        for span in row_spans(rows, cols, chunk_elements, align=tile[0]):
-            s = scale[span.start // tile[0]: ceil_div(span.stop, tile[0])]
-            add_block_scaled(acc, sl[span].to(torch.float32), s, tile)
-
-
-def _scorer(quant: QuantConfig, proj: Projection) -> ScaledFp8Scorer:
+def _scorer(quant: QuantConfig, proj: Projection) -> ScaledScorer:
     weight = proj.tensors["weight"]
     if len(weight.shape) != 2:
         raise refuse(proj, f"an FP8 expert weight must be 2-D, got {list(weight.shape)}.",
                      "use the checkpoint as released.")
     strategy = strategy_for(quant, proj)
     check_scale(proj, "weight_scale", strategy, *weight.shape)
-    return ScaledFp8Scorer(proj, strategy)
+    return ScaledScorer(proj, strategy)
 
 
 ENCODING = Encoding(

@@ -7,16 +7,10 @@ vLLM's W8A8 INT8 MoE method takes per-channel symmetric weights)."""
 
 from __future__ import annotations
 
-from typing import Any
+from vllm_aimer.encodings.base import Encoding, Projection, QuantConfig, ct_scheme, has, only, refuse
+from vllm_aimer.encodings.scaled import ScaledScorer, check_scale, ct_strategy
 
-from vllm_aimer.lazy import torch
-
-from vllm_aimer.encodings.base import (Encoding, MatrixScorer, Projection, QuantConfig, Sums,
-                                       add_block_scaled, ceil_div, ct_scheme, f64, has, only,
-                                       refuse, row_spans)
-from vllm_aimer.encodings.scaled import Strategy, check_scale, ct_strategy, expand_tile
-
-__all__ = ["ENCODING", "SUFFIXES", "Int8Scorer"]
+__all__ = ["ENCODING", "SUFFIXES"]
 
 SUFFIXES = frozenset({"weight", "weight_scale", "weight_zero_point", "input_scale",
                       "input_zero_point", "bias"})
@@ -27,31 +21,7 @@ def _matches(quant: QuantConfig, proj: Projection) -> bool:
             and only(proj, SUFFIXES))
 
 
-class Int8Scorer(MatrixScorer):
-    """INT8 codes less their zero point (if any), times `weight_scale`, per expert."""
-
-    def __init__(self, proj: Projection, strategy: Strategy) -> None:
-        self.weight, self.scale = proj.tensors["weight"], proj.tensors["weight_scale"]
-        self.zero = proj.tensors.get("weight_zero_point")
-        super().__init__(proj, self.weight, self.scale, *([self.zero] if self.zero else []))
-        self.strategy = strategy
-
-    def add_matrix(self, f: Any, acc: Sums, lead: tuple[int, ...], chunk_elements: int) -> None:
-        rows, cols = self.weight.shape
-        tile = self.strategy.tile(rows, cols)
-        scale = self.strategy.canonical(f64(f.get_tensor(self.scale.name)), rows)
-        zero = (self.strategy.canonical(f.get_tensor(self.zero.name).to(torch.float32), rows)
-                if self.zero is not None else None)
-        sl = f.get_slice(self.weight.name)
-        for span in row_spans(rows, cols, chunk_elements, align=tile[0]):
-            blocks = slice(span.start // tile[0], ceil_div(span.stop, tile[0]))
-            v = sl[span].to(torch.float32)
-            if zero is not None:
-                v = v - expand_tile(zero[blocks], tile, v.shape[0], cols)
-            add_block_scaled(acc, v, scale[blocks], tile)
-
-
-def _scorer(quant: QuantConfig, proj: Projection) -> Int8Scorer:
+def _scorer(quant: QuantConfig, proj: Projection) -> ScaledScorer:
     weight = proj.tensors["weight"]
     scheme = ct_scheme(quant, proj.module) if quant.method == "compressed-tensors" else None
     w = scheme.weights if scheme else {}
@@ -74,7 +44,7 @@ def _scorer(quant: QuantConfig, proj: Projection) -> Int8Scorer:
         if tuple(zero.shape) not in strategy.scale_shapes(*weight.shape):
             raise refuse(proj, f"{zero.name} has shape {list(zero.shape)}, unlike its scale.",
                          "check the checkpoint's tensors.")
-    return Int8Scorer(proj, strategy)
+    return ScaledScorer(proj, strategy)
 
 
 ENCODING = Encoding(

@@ -11,9 +11,10 @@ from typing import Any
 
 from vllm_aimer.lazy import torch
 
-from vllm_aimer.encodings.base import Projection, ceil_div, refuse
+from vllm_aimer.encodings.base import (MatrixScorer, Projection, Sums, add_block_scaled, ceil_div,
+                                       f64, refuse, row_spans)
 
-__all__ = ["Strategy", "ct_strategy", "check_scale", "expand_tile"]
+__all__ = ["Strategy", "ct_strategy", "check_scale", "expand_tile", "ScaledScorer"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,28 @@ def expand_tile(t: torch.Tensor, tile: tuple[int, int], rows: int, cols: int) ->
     """Per-entry values [rows, cols] from one value per tile (zero points)."""
     br, bc = tile
     return t.repeat_interleave(br, dim=0)[:rows].repeat_interleave(bc, dim=1)[:, :cols]
+
+
+class ScaledScorer(MatrixScorer):
+    """Codes (FP8 or INT8) less their `weight_zero_point` (INT8 asymmetric only), times
+    `weight_scale` laid out as the `Strategy` says, per expert."""
+
+    def __init__(self, proj: Projection, strategy: Strategy) -> None:
+        self.weight, self.scale = proj.tensors["weight"], proj.tensors["weight_scale"]
+        self.zero = proj.tensors.get("weight_zero_point")
+        super().__init__(proj, self.weight, self.scale, *([self.zero] if self.zero else []))
+        self.strategy = strategy
+
+    def add_matrix(self, f: Any, acc: Sums, lead: tuple[int, ...], chunk_elements: int) -> None:
+        rows, cols = self.weight.shape
+        tile = self.strategy.tile(rows, cols)
+        scale = self.strategy.canonical(f64(f.get_tensor(self.scale.name)), rows)
+        zero = (self.strategy.canonical(f.get_tensor(self.zero.name).to(torch.float32), rows)
+                if self.zero is not None else None)
+        sl = f.get_slice(self.weight.name)
+        for span in row_spans(rows, cols, chunk_elements, align=tile[0]):
+            blocks = slice(span.start // tile[0], ceil_div(span.stop, tile[0]))
+            v = sl[span].to(torch.float32)
+            if zero is not None:
+                v = v - expand_tile(zero[blocks], tile, v.shape[0], cols)
+            add_block_scaled(acc, v, scale[blocks], tile)
