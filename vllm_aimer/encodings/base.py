@@ -420,21 +420,12 @@ def one_hot(index: torch.Tensor, classes: int) -> torch.Tensor:
     return out
 
 
-def col_group_sums(values: torch.Tensor, group_size: int | None,
-                   g_idx: torch.Tensor | None, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, sums of |v| and v^2 over each column group ([rows, groups]): columns in
-    runs of `group_size`, or by `g_idx` (column -> group)."""
-    rows, cols = values.shape
-    if g_idx is not None:
-        onehot = one_hot(g_idx, groups).t()
-        return values.abs() @ onehot, (values * values) @ onehot
-    g = group_size or cols
-    if groups * g != cols:
-        padded = values.new_zeros(rows, groups * g)
-        padded[:, :cols] = values
-        values = padded
-    v = values.view(rows, groups, g)
-    return v.abs().sum(-1), (v * v).sum(-1)
+def col_group_sums(values: torch.Tensor, g_idx: torch.Tensor,
+                   groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, sums of |v| and v^2 over each column group ([rows, groups]), columns
+    assigned by `g_idx` (column -> group)."""
+    onehot = one_hot(g_idx, groups).t()
+    return values.abs() @ onehot, (values * values) @ onehot
 
 
 def runs_of(g_idx: torch.Tensor, group: int) -> bool:

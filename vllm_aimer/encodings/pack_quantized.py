@@ -74,7 +74,7 @@ class PackQuantizedScorer(MatrixScorer):
         for span in row_spans(rows, cols, chunk_elements):
             q = f64(unpack_int32(sl[span], self.bits, 1)[:, :cols])
             v = q - f64(zero[span])[:, g_idx] if zero is not None else q - offset
-            a, s2 = col_group_sums(v, None, g_idx, self.groups)
+            a, s2 = col_group_sums(v, g_idx, self.groups)
             sc = scale[span]
             acc.add_totals(float((a * sc.abs()).sum()), float((s2 * sc * sc).sum()), v.numel())
 
