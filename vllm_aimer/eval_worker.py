@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from vllm_aimer.files import atomic_write_text
+
 __all__ = ["main"]
 
 
@@ -73,9 +75,7 @@ def main(spec_path: str) -> int:
     result = {"docs": docs, "max_model_len": max_len, "dtype": dtype,
               "prompt_tokens": sum(len(ids) for ids in prompts), "seconds": seconds,
               "load_seconds": load_seconds}
-    tmp = Path(spec["result"] + ".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(spec["result"])
+    atomic_write_text(Path(spec["result"]), json.dumps(result))
     return 0
 
 

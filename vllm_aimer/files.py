@@ -9,16 +9,21 @@ from pathlib import Path
 
 from vllm_aimer.errors import AimerError
 
-__all__ = ["atomic_write_text", "ensure_writable_dir"]
+__all__ = ["atomic_write_text", "atomic_write_bytes", "ensure_writable_dir"]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory, then
+    """`atomic_write_bytes` of `text` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory, then
     rename it over `path`: readers see the old file or the new one, never a part.
 
     Args:
         path: the file to (re)write; its directory must exist.
-        text: the whole content.
+        data: the whole content.
 
     Raises:
         OSError: the directory cannot be written (the temporary file is removed).
@@ -30,8 +35,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -7,14 +7,14 @@ process.
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vllm_aimer.errors import AimerError
+from vllm_aimer.files import atomic_write_bytes
 from vllm_aimer.plan import PRUNES_LOWEST, Plan
 
 if TYPE_CHECKING:
@@ -49,15 +49,9 @@ def save_png(fig: "Figure", path: Path, dpi: int = 120) -> Path:
     Raises:
         OSError: the file cannot be written (the temporary file is removed).
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    png = io.BytesIO()
+    fig.savefig(png, dpi=dpi, format="png")
+    atomic_write_bytes(path, png.getvalue())
     return path
 
 
