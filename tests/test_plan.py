@@ -412,3 +412,21 @@ def test_expert_parallel_needs_an_even_split():
     with pytest.raises(AimerError, match="3 experts per layer, which do not split") as info:
         check_prune_count(router, 13, "x", ep4)
     assert "0.75" in str(info.value)
+
+
+def test_blackwell_group_bound_is_strict():
+    """FlashInfer's TRT-LLM routing on Blackwell needs top_k < topk_group x experts per
+    group, strictly; the base rule (on the CPU and other GPUs) allows equality. 32
+    experts in 4 groups, top_k 4, topk_group 2: keeping 8 (2 per group) gives exactly 4."""
+    from vllm_aimer.constraints import Deployment, Gpu, allowed_prune_counts, check_prune_count, problems
+    from vllm_aimer.errors import AimerError
+
+    router = Router(32, 4, n_group=4, topk_group=2)
+    blackwell = Deployment(gpu=Gpu.BLACKWELL)
+    assert problems(router, 24) == []
+    found = problems(router, 24, blackwell)
+    assert len(found) == 1 and "top_k=4 < topk_group x experts per group (2 x 2)" in found[0]
+    assert problems(router, 20, blackwell) == []  # keeps 12: 4 < 2 x 3
+    assert 24 in allowed_prune_counts(router) and 24 not in allowed_prune_counts(router, blackwell)
+    with pytest.raises(AimerError, match="Blackwell"):
+        check_prune_count(router, 24, "prune_ratio 0.75", blackwell)
